@@ -1,0 +1,19 @@
+"""Model registry: `get_model(name, num_classes=..., **kwargs)`.
+
+Every model's top-level submodules are its LW units in bottom-up order (head last), and every
+unit but the head ends with a `Standardize` (see `standardize.py`).
+"""
+
+from reinit.models.simple_cnn import SimpleCNN
+from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION, Standardize
+
+MODELS = {
+    "simple_cnn": SimpleCNN,
+}
+
+
+def get_model(name: str, *, num_classes: int, **kwargs):
+  """Returns the linen module registered as `name`; ValueError names the accepted ones."""
+  if name not in MODELS:
+    raise ValueError(f"model={name!r} is unknown; accepted: {', '.join(sorted(MODELS))}")
+  return MODELS[name](num_classes=num_classes, **kwargs)

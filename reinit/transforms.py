@@ -1,0 +1,233 @@
+"""Pure transforms of parameter trees and optimizer states, and the masks that drive them.
+
+Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps the
+structure, shapes and dtypes of its input tree. A mask leaf is a Python bool (whole leaf: no work
+is done for False, so untouched leaves are returned as they are) or a bool array of the leaf's
+shape (element-wise, evaluated with `jnp.where`). A *fresh* tree is `model.init(new_key, ...)`.
+
+Only jax, flax, optax and numpy are imported here: this module is the library core.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from reinit import tree as tree_lib
+
+PyTree = Any
+
+
+def _is_static(mask_leaf) -> bool:
+  return isinstance(mask_leaf, bool)
+
+
+def reinitialize(tree: PyTree, fresh: PyTree, mask: PyTree) -> PyTree:
+  """`where(mask, fresh, tree)` leaf by leaf, in the dtype of `tree`.
+
+  Args:
+    tree: the current tree (e.g. trained `variables`).
+    fresh: a tree of the same structure and shapes, e.g. `model.init(new_key, ...)`.
+    mask: True where the fresh value replaces the current one.
+  """
+  def pick(leaf, fresh_leaf, m):
+    if _is_static(m):
+      return fresh_leaf.astype(leaf.dtype) if m else leaf
+    return jnp.where(m, fresh_leaf.astype(leaf.dtype), leaf)
+  return jax.tree.map(pick, tree, fresh, mask)
+
+
+def _masked_norm(x, m):
+  x = x.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.where(m, jnp.square(x), 0.0)))
+
+
+def rescale(tree: PyTree, reference: PyTree, mask: PyTree, eps: float = 1e-6) -> PyTree:
+  """For each masked leaf `p`: `p * ‖ref‖ / ‖p‖` (Frobenius); zero where `‖ref‖ <= eps`.
+
+  Args:
+    tree: the tree to rescale.
+    reference: a tree of the same structure: either arrays of the leaves' shapes (e.g. the
+      variables at initialization) or scalars holding the target norms directly (‖s‖ = |s|).
+    mask: leaf or element mask; with an element mask, norms are taken over the masked entries
+      only and only those entries are rescaled.
+    eps: reference norms at or below it set the leaf (or its masked entries) to zero.
+  """
+  def scale(leaf, ref, m):
+    if _is_static(m) and not m:
+      return leaf
+    where = jnp.broadcast_to(jnp.asarray(m), leaf.shape)
+    ref = jnp.asarray(ref)
+    ref_norm = (_masked_norm(ref, where) if ref.shape == leaf.shape
+                else jnp.abs(ref.astype(jnp.float32)))
+    leaf_norm = _masked_norm(leaf, where)
+    factor = jnp.where(ref_norm > eps, ref_norm / jnp.maximum(leaf_norm, 1e-30), 0.0)
+    scaled = (leaf.astype(jnp.float32) * factor).astype(leaf.dtype)
+    return scaled if _is_static(m) else jnp.where(where, scaled, leaf)
+  return jax.tree.map(scale, tree, reference, mask)
+
+
+def shrink_perturb(tree: PyTree, fresh: PyTree, *, shrink: float, perturb: float,
+                   mask: PyTree | None = None) -> PyTree:
+  """`shrink * p + perturb * fresh` on masked leaves (all leaves when `mask` is None)."""
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, tree)
+
+  def mix(leaf, fresh_leaf, m):
+    if _is_static(m) and not m:
+      return leaf
+    mixed = (shrink * leaf.astype(jnp.float32)
+             + perturb * fresh_leaf.astype(jnp.float32)).astype(leaf.dtype)
+    return mixed if _is_static(m) else jnp.where(m, mixed, leaf)
+  return jax.tree.map(mix, tree, fresh, mask)
+
+
+def _exact_fraction_mask(key, n: int, fraction: float):
+  """Bool (n,) with exactly round(fraction * n) True entries at random positions."""
+  count = int(round(fraction * n))
+  chosen = jax.random.permutation(key, n)[:count]
+  return jnp.zeros((n,), jnp.bool_).at[chosen].set(True)
+
+
+def _check_fraction(name: str, value: float):
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def _module_and_variable(path: str, collection_first: bool) -> tuple[tuple[str, ...], str]:
+  """'params/block0/Conv_0/kernel' -> (('block0', 'Conv_0'), 'kernel') for a variables tree."""
+  parts = path.split("/")
+  if collection_first:
+    parts = parts[1:]
+  return tuple(parts[:-1]), parts[-1]
+
+
+def _pairs_with(conv_module: tuple[str, ...], other: tuple[str, ...]) -> bool:
+  """Whether `other` holds per-channel entries of `conv_module`'s outputs.
+
+  The module itself (its bias), or a sibling whose name has the same suffix after the last '_'
+  (`Conv_0` <-> `BatchNorm_0`, `conv_proj` <-> `norm_proj`): linen names modules of one call
+  site this way, and our models keep each conv's BatchNorm at the same suffix.
+  """
+  if other == conv_module:
+    return True
+  if not conv_module or len(other) != len(conv_module) or other[:-1] != conv_module[:-1]:
+    return False
+  conv_suffix = conv_module[-1].rpartition("_")[2]
+  other_suffix = other[-1].rpartition("_")[2]
+  return "_" in conv_module[-1] and "_" in other[-1] and conv_suffix == other_suffix
+
+
+def random_mask(key: jax.Array, tree: PyTree, *, fraction: float, granularity: str = "weight",
+                within: PyTree | None = None) -> PyTree:
+  """Element masks selecting exactly `round(fraction * size)` entries of each leaf in `within`.
+
+  Args:
+    key: PRNG key; leaf i uses `fold_in(key, i)`, so masks do not depend on other leaves.
+    tree: the tree to mask (arrays or `jax.ShapeDtypeStruct`s).
+    fraction: in [0, 1], the fraction of entries selected per leaf.
+    granularity: "weight" selects entries; "filter" selects whole output channels (last axis of
+      a kernel: `round(fraction * C_out)` of them) and the matching per-channel entries of that
+      unit (its bias, and the same-suffix sibling BatchNorm's scale/bias/mean/var, see
+      `_pairs_with`), in every collection of a `variables` tree.
+    within: leaf mask of the leaves to draw in; default all kernels (`tree.kernels`).
+
+  Returns:
+    A mask: bool arrays for leaves in `within` (and, for "filter", their paired leaves), Python
+    False elsewhere.
+  """
+  _check_fraction("random_mask: fraction", fraction)
+  if granularity not in ("weight", "filter"):
+    raise ValueError(f"random_mask: granularity must be 'weight' or 'filter', got {granularity!r}")
+  if within is None:
+    within = tree_lib.kernels(tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  chosen = jax.tree.leaves(within)
+  leaf_paths = tree_lib.paths(tree)
+
+  if granularity == "weight":
+    out = [_exact_fraction_mask(jax.random.fold_in(key, i), x.size, fraction).reshape(x.shape)
+           if c else False for i, (x, c) in enumerate(zip(leaves, chosen))]
+    return jax.tree.unflatten(treedef, out)
+
+  collection_first = isinstance(tree, Mapping) and "params" in tree
+  names = [_module_and_variable(p, collection_first) for p in leaf_paths]
+  out: list[Any] = [False] * len(leaves)
+  for i, (x, c) in enumerate(zip(leaves, chosen)):
+    if not c:
+      continue
+    channels = x.shape[-1] if x.ndim else 1
+    per_channel = _exact_fraction_mask(jax.random.fold_in(key, i), channels, fraction)
+    out[i] = jnp.broadcast_to(per_channel, x.shape) if x.ndim else per_channel[0]
+    if names[i][1] != "kernel":
+      continue
+    for j, (y, (module, _)) in enumerate(zip(leaves, names)):
+      if j != i and y.shape == (channels,) and _pairs_with(names[i][0], module):
+        out[j] = per_channel
+  return jax.tree.unflatten(treedef, out)
+
+
+def magnitude_mask(tree: PyTree, *, sparsity: float, within: PyTree | None = None) -> PyTree:
+  """True for the `round(sparsity * size)` smallest-|x| entries of each leaf in `within`.
+
+  Layer-wise magnitude pruning as in Dense-Sparse-Dense; ties go to the lower flat index.
+  `within` defaults to all kernels; other leaves get Python False.
+  """
+  _check_fraction("magnitude_mask: sparsity", sparsity)
+  if within is None:
+    within = tree_lib.kernels(tree)
+
+  def smallest(x, c):
+    if not c:
+      return False
+    count = int(round(sparsity * x.size))
+    order = jnp.argsort(jnp.abs(x).ravel(), stable=True)[:count]
+    return jnp.zeros((x.size,), jnp.bool_).at[order].set(True).reshape(x.shape)
+  return jax.tree.map(smallest, tree, within)
+
+
+def _params_mask(mask: PyTree) -> PyTree:
+  """The part of a mask that covers `params` (a mask over `variables` holds it under 'params')."""
+  if isinstance(mask, Mapping) and "params" in mask:
+    return mask["params"]
+  return mask
+
+
+def reset_opt_state(opt_state: PyTree, mask: PyTree) -> PyTree:
+  """Zeros every parameter-shaped part of an optax state where `mask` is True.
+
+  Parameter-shaped parts (momentum, Adam's moments, inside `chain`, `masked`,
+  `inject_hyperparams`, ...) are found by structure: any subtree with the structure of the
+  params mask, `optax.MaskedNode` placeholders included. Step counters, hyperparameters and
+  every other leaf are left untouched, as are masked-out (`MaskedNode`) entries.
+
+  Args:
+    opt_state: any optax state.
+    mask: a mask over `params`, or over `variables` (its 'params' entry is used).
+  """
+  params_mask = _params_mask(mask)
+  is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
+  mask_structure = jax.tree.structure(params_mask)
+
+  def is_params_shaped(node) -> bool:
+    try:
+      structure = jax.tree.structure(node, is_leaf=is_masked_node)
+    except Exception:  # pylint: disable=broad-except
+      return False
+    return structure == mask_structure
+
+  def zero_masked(node, m):
+    if is_masked_node(node) or (_is_static(m) and not m):
+      return node
+    if _is_static(m):
+      return jnp.zeros_like(node)
+    return jnp.where(m, jnp.zeros_like(node), node)
+
+  def visit(node):
+    if is_params_shaped(node):
+      return jax.tree.map(zero_masked, node, params_mask, is_leaf=is_masked_node)
+    return node
+
+  return jax.tree.map(visit, opt_state, is_leaf=is_params_shaped)
