@@ -1,0 +1,341 @@
+"""Tests of reinit.data: the offline `digits` dataset and the tf.data pipelines."""
+
+import ast
+import math
+import pathlib
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from reinit import data
+from reinit.data import digits as digits_lib
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  """A data dir with `digits` built once for the whole session."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  data.get_builder('digits', data_dir=data_dir)
+  return data_dir
+
+
+def make_config(data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      dataset='digits',
+      data_dir=data_dir,
+      train_split='train',
+      test_split='test',
+      train_examples=100,
+      image_size=None,
+      augment='none',
+      seed=0,
+      batch_size=20,
+  ))
+  config.update(overrides)
+  return config
+
+
+def take(ds, n):
+  return [batch for _, batch in zip(range(n), tfds.as_numpy(ds))]
+
+
+def split_labels(data_dir, split):
+  builder = data.get_builder('digits', data_dir=data_dir)
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  return np.array([ex['label'] for ex in tfds.as_numpy(ds)])
+
+
+def masked_labels(batches):
+  return np.concatenate([b['label'][b['mask'] > 0] for b in batches])
+
+
+# --- digits ------------------------------------------------------------------
+
+
+def test_digits_builds_offline_with_fixed_split(digits_dir):
+  builder = data.get_builder('digits', data_dir=digits_dir)
+  assert builder.is_prepared()
+  assert builder.info.splits['train'].num_examples == 1297
+  assert builder.info.splits['test'].num_examples == 500
+  assert builder.info.features['label'].num_classes == 10
+  assert builder.info.supervised_keys == ('image', 'label')
+  np.testing.assert_array_equal(
+      np.bincount(split_labels(digits_dir, 'test'), minlength=10), [50] * 10
+  )
+  example = next(iter(tfds.as_numpy(builder.as_dataset(split='train'))))
+  assert example['image'].shape == (8, 8, 1)
+  assert example['image'].dtype == np.uint8
+
+
+def test_digits_pixels_are_sklearn_rescaled(digits_dir):
+  images, _ = digits_lib.load_arrays()
+  assert images.max() == 255
+  builder = data.get_builder('digits', data_dir=digits_dir)
+  total = sum(
+      int(ex['image'].astype(np.int64).sum())
+      for split in ('train', 'test')
+      for ex in tfds.as_numpy(builder.as_dataset(split=split))
+  )
+  assert total == int(images.astype(np.int64).sum())
+
+
+def test_digits_second_use_reads_prepared_files(digits_dir):
+  files = sorted(pathlib.Path(digits_dir, 'digits').rglob('*'))
+  mtimes = [f.stat().st_mtime_ns for f in files]
+  data.get_builder('digits', data_dir=digits_dir)
+  assert sorted(pathlib.Path(digits_dir, 'digits').rglob('*')) == files
+  assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+def test_digits_split_is_fixed():
+  _, labels = digits_lib.load_arrays()
+  train, test = digits_lib.split_indices(labels)
+  train2, test2 = digits_lib.split_indices(labels)
+  np.testing.assert_array_equal(test, test2)
+  np.testing.assert_array_equal(train, train2)
+  assert len(train) == 1297 and len(test) == 500
+  assert not set(train) & set(test)
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def test_not_prepared_dataset_raises_fast(tmp_path):
+  start = time.monotonic()
+  with pytest.raises(data.DatasetNotPreparedError, match='tfds build') as info:
+    data.get_builder('mnist', data_dir=str(tmp_path))
+  assert time.monotonic() - start < 10
+  message = str(info.value)
+  assert isinstance(info.value, ValueError)
+  assert '\n' not in message
+  assert 'mnist' in message and str(tmp_path) in message
+
+
+def test_unknown_dataset_raises_one_line(tmp_path):
+  with pytest.raises(ValueError, match='no_such_dataset') as info:
+    data.get_builder('no_such_dataset', data_dir=str(tmp_path))
+  assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('train_examples', [-5, 0, 5, 1298, 100000])
+def test_bad_train_examples_raises(train_examples):
+  labels = np.repeat(np.arange(10), 130)[:1297]
+  with pytest.raises(ValueError, match='train_examples'):
+    data.train_subset_indices(
+        labels, train_examples=train_examples, num_classes=10, seed=0
+    )
+
+
+def test_bad_train_examples_raises_in_pipeline(digits_dir):
+  with pytest.raises(ValueError, match='train_examples'):
+    data.train_dataset(make_config(digits_dir, train_examples=100000))
+  with pytest.raises(ValueError, match='train_examples'):
+    data.dataset_info(make_config(digits_dir, train_examples=-5))
+
+
+def test_bad_augment_raises(digits_dir):
+  with pytest.raises(ValueError, match='augment'):
+    data.train_dataset(make_config(digits_dir, augment='mixup'))
+
+
+# --- subset ------------------------------------------------------------------
+
+
+def test_subset_is_balanced():
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 50))
+  subset = data.train_subset_indices(
+      labels, train_examples=100, num_classes=10, seed=0)
+  np.testing.assert_array_equal(np.bincount(labels[subset]), [10] * 10)
+  subset = data.train_subset_indices(
+      labels, train_examples=105, num_classes=10, seed=0)
+  counts = np.bincount(labels[subset])
+  assert counts.sum() == 105 and set(counts) == {10, 11}
+  assert np.all(np.diff(subset) > 0)  # sorted and unique
+
+
+def test_subset_depends_only_on_seed():
+  labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 50))
+  pick = lambda seed: data.train_subset_indices(
+      labels, train_examples=105, num_classes=10, seed=seed
+  )
+  np.testing.assert_array_equal(pick(3), pick(3))
+  assert not np.array_equal(pick(3), pick(4))
+
+
+@pytest.mark.parametrize('train_examples', [None, -1, 500])
+def test_subset_all(train_examples):
+  labels = np.repeat(np.arange(10), 50)
+  subset = data.train_subset_indices(
+      labels, train_examples=train_examples, num_classes=10, seed=0
+  )
+  np.testing.assert_array_equal(subset, np.arange(500))
+
+
+def test_dataset_info(digits_dir):
+  info = data.dataset_info(make_config(digits_dir, image_size=16))
+  assert info == data.DatasetInfo(
+      num_classes=10, image_shape=(16, 16, 1), train_examples=100,
+      test_examples=500)
+  info = data.dataset_info(make_config(digits_dir, train_examples=None))
+  assert info.train_examples == 1297 and info.image_shape == (8, 8, 1)
+
+
+# --- training ------------------------------------------------------------------
+
+
+def test_train_batches(digits_dir):
+  ds, steps = data.train_dataset(make_config(digits_dir, batch_size=32))
+  assert steps == math.ceil(100 / 32)
+  for batch in take(ds, 5):  # Past the end of the first epoch.
+    assert batch['image'].shape == (32, 8, 8, 1)
+    assert batch['image'].dtype == np.float32
+    assert batch['label'].shape == (32,)
+    assert batch['label'].dtype == np.int32
+    assert batch['image'].min() >= -2.0 and batch['image'].max() <= 2.0
+
+
+def test_train_is_deterministic(digits_dir):
+  config = make_config(digits_dir, augment='crop_flip')
+  first = take(data.train_dataset(config)[0], 3)
+  second = take(data.train_dataset(config)[0], 3)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  other_config = make_config(digits_dir, augment='crop_flip', seed=1)
+  other = take(data.train_dataset(other_config)[0], 1)
+  assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+def test_train_epoch_covers_subset_once(digits_dir):
+  config = make_config(digits_dir)  # 100 examples, batches of 20.
+  ds, steps = data.train_dataset(config)
+  assert steps == 5
+  batches = take(ds, 2 * steps)
+  subset_labels = masked_labels(take(data.eval_train_dataset(config), 100))
+  for epoch in (batches[:steps], batches[steps:]):
+    labels = np.concatenate([b['label'] for b in epoch])
+    np.testing.assert_array_equal(np.sort(labels), np.sort(subset_labels))
+  # Reshuffled every epoch.
+  assert not np.array_equal(batches[0]['image'], batches[steps]['image'])
+
+
+def test_augmentation_changes_images_not_shapes(digits_dir):
+  plain = take(data.train_dataset(make_config(digits_dir))[0], 2)
+  for augment in ('crop', 'crop_flip'):
+    config = make_config(digits_dir, augment=augment)
+    augmented = take(data.train_dataset(config)[0], 2)
+    for a, b in zip(plain, augmented):
+      assert a['image'].shape == b['image'].shape
+      assert a['image'].dtype == b['image'].dtype
+      np.testing.assert_array_equal(a['label'], b['label'])  # Same order.
+      assert not np.array_equal(a['image'], b['image'])
+
+
+def test_resize(digits_dir):
+  config = make_config(digits_dir, image_size=16, augment='crop')
+  ds, _ = data.train_dataset(config)
+  assert take(ds, 1)[0]['image'].shape == (20, 16, 16, 1)
+  config = make_config(digits_dir, image_size=(12, 10))
+  batch = take(data.eval_dataset(config, split='test'), 1)[0]
+  assert batch['image'].shape == (20, 12, 10, 1)
+
+
+def test_process_shards_are_disjoint_slices(digits_dir):
+  config = make_config(digits_dir, batch_size=32)
+  shards = [
+      data.train_dataset(config, process_index=i, process_count=2) for i in range(2)
+  ]
+  for ds, steps in shards:
+    assert steps == 4
+    assert take(ds, 1)[0]['image'].shape == (16, 8, 8, 1)
+  evals = [
+      list(tfds.as_numpy(
+          data.eval_train_dataset(config, process_index=i, process_count=2)))
+      for i in range(2)
+  ]
+  assert len(evals[0]) == len(evals[1]) == 4
+  assert [len(masked_labels(e)) for e in evals] == [50, 50]
+  subset_labels = masked_labels(tfds.as_numpy(data.eval_train_dataset(config)))
+  shard_labels = np.concatenate([masked_labels(e) for e in evals])
+  np.testing.assert_array_equal(np.sort(shard_labels), np.sort(subset_labels))
+
+
+# --- evaluation ----------------------------------------------------------------
+
+
+def test_eval_covers_split_exactly_once(digits_dir):
+  config = make_config(digits_dir, eval_batch_size=64)
+  batches = list(tfds.as_numpy(data.eval_dataset(config, split='test')))
+  assert len(batches) == math.ceil(500 / 64)
+  for batch in batches:
+    assert batch['image'].shape == (64, 8, 8, 1)
+    assert batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32
+    assert batch['mask'].dtype == np.float32 and batch['mask'].shape == (64,)
+  assert sum(b['mask'].sum() for b in batches) == 500
+  assert batches[-1]['mask'][-1] == 0
+  expected = split_labels(digits_dir, 'test')
+  np.testing.assert_array_equal(np.sort(masked_labels(batches)), np.sort(expected))
+
+
+def test_eval_batch_size_defaults_to_batch_size(digits_dir):
+  config = make_config(digits_dir, batch_size=50)
+  assert 'eval_batch_size' not in config
+  batches = list(tfds.as_numpy(data.eval_dataset(config, split='test')))
+  assert len(batches) == 10
+  assert all(b['image'].shape[0] == 50 for b in batches)
+
+
+def test_eval_sub_split(digits_dir):
+  config = make_config(digits_dir)
+  batches = list(tfds.as_numpy(data.eval_dataset(config, split='train[:10%]')))
+  expected = split_labels(digits_dir, 'train[:10%]')
+  np.testing.assert_array_equal(np.sort(masked_labels(batches)), np.sort(expected))
+
+
+def test_eval_train_is_the_subset(digits_dir):
+  config = make_config(digits_dir, train_examples=105)
+  batches = list(tfds.as_numpy(data.eval_train_dataset(config)))
+  labels = masked_labels(batches)
+  assert len(labels) == 105
+  assert set(np.bincount(labels, minlength=10)) == {10, 11}
+
+
+# --- mocked TFDS dataset -----------------------------------------------------
+
+
+def test_mock_cifar10():
+  config = make_config(
+      None, dataset='cifar10', image_size=32, train_examples=105,
+      augment='crop_flip', batch_size=16,
+  )
+  with tfds.testing.mock_data(num_examples=300):
+    info = data.dataset_info(config)
+    assert info.image_shape == (32, 32, 3) and info.num_classes == 10
+    ds, steps = data.train_dataset(config)
+    assert steps == math.ceil(105 / 16)
+    batch = take(ds, 1)[0]
+    assert batch['image'].shape == (16, 32, 32, 3)
+    assert batch['label'].shape == (16,)
+    labels = masked_labels(list(tfds.as_numpy(data.eval_train_dataset(config))))
+    assert len(labels) == 105
+    assert set(np.bincount(labels, minlength=10)) == {10, 11}
+
+
+# --- hygiene -----------------------------------------------------------------
+
+
+def test_data_package_does_not_import_jax():
+  package = pathlib.Path(data.__file__).parent
+  for path in package.glob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or '']
+      else:
+        continue
+      assert not any(n == 'jax' or n.startswith('jax.') for n in names), path
