@@ -1,0 +1,49 @@
+"""What the launchers share: the XLA CPU setup, one-line user errors, running a config."""
+
+import os
+import sys
+
+# Before jax is imported anywhere: TF (used by the input pipeline) must not grab accelerators'
+# memory, and its C++ logs drown the run's own.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def fail(message: str, status: int = 2):
+  """Prints `error: message` on one line to stderr and exits with `status`."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def run_or_exit(config, workdir: str) -> dict:
+  """`train_and_evaluate(config, workdir)`; a ConfigError exits with its one-line message."""
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  try:
+    return train.train_and_evaluate(config, workdir)
+  except train.ConfigError as e:
+    fail(str(e))
+
+
+def one_line(error: BaseException) -> str:
+  """The gist of an error on one line: for a wrapped traceback, its final line."""
+  text = str(error)
+  if isinstance(error, AttributeError):  # ConfigDict's unknown field: a repr'd message
+    text = "unknown config field " + text.strip("'\"").encode().decode("unicode_escape")
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = [lines[-1].split(": ", 1)[-1]]
+  return " ".join(lines)
+
+
+def _parse_flags(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, ValueError, AttributeError, KeyError, TypeError, OSError) as e:
+    fail(one_line(e))
+
+
+def run_app(main) -> int:
+  """`absl.app.run(main)` where bad flags or config values exit with one line, status 2."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=_parse_flags)
+  return 0
