@@ -4,11 +4,16 @@ Every model's top-level submodules are its LW units in bottom-up order (head las
 unit but the head ends with a `Standardize` (see `standardize.py`).
 """
 
+from reinit.models.resnet import ResNet18, ResNet50
 from reinit.models.simple_cnn import SimpleCNN
 from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION, Standardize
+from reinit.models.vgg import VGG16
 
 MODELS = {
     "simple_cnn": SimpleCNN,
+    "vgg16": VGG16,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
 }
 
 
