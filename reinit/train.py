@@ -273,6 +273,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   memory = plan.begin(variables)
   switch = jax.jit(plan.switch, static_argnums=0, donate_argnums=1)
   train_iter = train_ds.as_numpy_iterator()
+  calibration_iter = calibration_ds.as_numpy_iterator()
   state = None
   stage_results = []
   for k in range(plan.num_stages):
@@ -281,8 +282,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       variables = switch(k, state.variables, fresh, memory)
       unit = plan.calibrate_unit(k)
       if unit is not None:
-        batches = [jnp.asarray(b["image"]) for b in
-                   calibration_ds.take(config.lw.calibration_batches).as_numpy_iterator()]
+        # One long-lived iterator: a new iterator per stage would reshuffle nondeterministically.
+        batches = [jnp.asarray(next(calibration_iter)["image"])
+                   for _ in range(config.lw.calibration_batches)]
         variables = methods.calibrate_standardization(
             runtime.apply_for_moments, variables, batches, unit)
     step = jnp.zeros((), jnp.int32) if state is None else state.step
@@ -323,6 +325,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "stages": stage_results, "test_accuracy": stage_results[-1]["test_accuracy"],
       "train_accuracy": stage_results[-1]["train_accuracy"],
       "total_epochs": int(sum(plan.epochs)), "devices": jax.device_count(),
+      # Stages change values, never programs: each step should compile exactly once.
+      "compilations": {"train_step": runtime.train_step._cache_size(),  # pylint: disable=protected-access
+                       "eval_step": runtime.eval_step._cache_size()},  # pylint: disable=protected-access
       "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
   }
   if is_chief:

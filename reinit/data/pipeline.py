@@ -111,7 +111,9 @@ def get_builder(
   except tfds.core.DatasetNotFoundError:
     # TFDS's own message lists every dataset it knows: keep ours to one line.
     raise ValueError(
-        f'Unknown TFDS dataset {dataset!r} (data_dir={data_dir!r}).'
+        f'dataset={dataset!r} is unknown (data_dir={data_dir!r}); accepted: a key of '
+        'configs/benchmark.py DATASETS (e.g. digits, cifar10, flowers) or a TFDS name '
+        '(tfds.list_builders())'
     ) from None
   if builder.is_prepared() or _tfds_is_mocked():
     return builder

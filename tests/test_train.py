@@ -1,0 +1,194 @@
+"""Tests of methods and the trainer: LW's switch against its definition, end-to-end runs on
+digits, determinism, no recompilation across stages, and one-line user errors from the CLI."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reinit
+from configs import digits as digits_config
+from reinit import methods
+from reinit.models import get_model, Standardize
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ LW's switch
+
+
+@pytest.fixture(scope="module")
+def lw_setup():
+  model = get_model("simple_cnn", num_classes=10, width=0.25)
+  x = jax.random.normal(jax.random.key(9), (16, 8, 8, 1))
+  init = model.init(jax.random.key(0), x)
+  units = reinit.layer_order(model, jax.random.key(0), x)
+  # "Trained": every leaf moved away from init (BN biases too, so they have nonzero values).
+  noise = jax.tree.map(lambda p: jax.random.normal(jax.random.key(5), p.shape), init["params"])
+  trained = {**init, "params": jax.tree.map(lambda p, n: 2.0 * p + 0.3 * n, init["params"],
+                                            noise)}
+  trained["batch_stats"] = jax.tree.map(lambda s: s + 0.7, init["batch_stats"])
+  fresh = model.init(jax.random.key(1), x)
+  return model, x, init, units, trained, fresh
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_lw_switch_matches_definition(lw_setup, k):
+  model, x, init, units, trained, fresh = lw_setup
+  memory = {"init_norms": methods.init_norms(init)}
+  switch = jax.jit(lambda v, f, m: methods.lw_switch(k, v, f, m, units=units))
+  out = switch(trained, fresh, memory)
+  for path, new, old, fr, ini in zip(reinit.paths(out), jax.tree.leaves(out),
+                                     jax.tree.leaves(trained), jax.tree.leaves(fresh),
+                                     jax.tree.leaves(init)):
+    collection, unit = path.split("/")[:2]
+    kept = units.index(unit) < k
+    if collection == "norm":
+      if path.endswith("active"):
+        assert float(new) == 0.0, path  # all off until calibration
+      continue
+    if not kept:  # params and batch_stats of units[k:]: exactly the fresh draw
+      np.testing.assert_array_equal(new, fr, err_msg=path)
+    elif collection == "batch_stats":
+      np.testing.assert_array_equal(new, old, err_msg=path)
+    elif np.linalg.norm(ini) <= 1e-6:  # zero-initialized (BN bias): kept as trained
+      np.testing.assert_array_equal(new, old, err_msg=path)
+    else:  # kept: rescaled to exactly its norm at init, same direction
+      np.testing.assert_allclose(np.linalg.norm(new), np.linalg.norm(ini), rtol=1e-5,
+                                 err_msg=path)
+      np.testing.assert_allclose(np.asarray(new) * np.linalg.norm(old) / np.linalg.norm(new),
+                                 old, rtol=1e-4, atol=1e-5, err_msg=path)
+
+  calibrated = methods.calibrate_standardization(model.apply, out, [x[:8], x[8:]], units[k - 1])
+  for unit in units[:-1]:
+    standardize = calibrated["norm"][unit]["Standardize_0"]
+    assert float(standardize["active"]) == (1.0 if unit == units[k - 1] else 0.0), unit
+  # The statistics are those of the unit's output in training mode, over both batches.
+  outputs = []
+  for batch in (x[:8], x[8:]):
+    _, captured = model.apply(out, batch, train=True, mutable=["batch_stats", "intermediates"],
+                              capture_intermediates=lambda m, _: isinstance(m, Standardize))
+    outputs.append(np.asarray(
+        captured["intermediates"][units[k - 1]]["Standardize_0"]["__call__"][0]))
+  channels = outputs[0].shape[-1]
+  stacked = np.concatenate([o.reshape(-1, channels) for o in outputs])
+  standardize = calibrated["norm"][units[k - 1]]["Standardize_0"]
+  np.testing.assert_allclose(standardize["mean"], stacked.mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(standardize["var"], stacked.var(0), rtol=1e-3, atol=1e-5)
+  # Switched on, it maps that output to (x - mean) / sqrt(var + eps).
+  _, captured = model.apply(calibrated, x[:8], train=True,
+                            mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=lambda m, _: isinstance(m, Standardize))
+  on = np.asarray(captured["intermediates"][units[k - 1]]["Standardize_0"]["__call__"][0])
+  expected = (outputs[0] - np.asarray(standardize["mean"])) / np.sqrt(
+      np.asarray(standardize["var"]) + 1e-5)
+  np.testing.assert_allclose(on, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_plans_stage_counts():
+  config = digits_config.get_config()
+  units = [f"block{i}" for i in range(6)] + ["head"]
+  config.method = "lw"
+  assert methods.make_plan(config, units).num_stages == 7
+  config.num_stages = 3
+  lw = methods.make_plan(config, units)
+  assert lw.num_stages == 3 and lw.calibrate_unit(2) == "block1"
+  config.method = "baseline_long"
+  long = methods.make_plan(config, units)
+  assert long.epochs == (3 * config.epochs_per_stage,)
+  config.method = "lw_nonorm"
+  assert methods.make_plan(config, units).calibrate_unit(1) is None
+  config.method = "nope"
+  with pytest.raises(ValueError, match="accepted: baseline"):
+    methods.make_plan(config, units)
+
+
+# ------------------------------------------------------------------ end to end on digits
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _tiny_config(data_dir, method, **overrides):
+  config = digits_config.get_config(f"method={method}")
+  config.data_dir = data_dir
+  config.width = 0.25
+  config.train_examples = 100
+  config.batch_size = 32
+  config.epochs_per_stage = 2
+  config.num_stages = 3
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def lw_run(data_dir, tmp_path_factory):
+  from reinit import train
+  workdir = str(tmp_path_factory.mktemp("lw"))
+  return workdir, train.train_and_evaluate(_tiny_config(data_dir, "lw"), workdir)
+
+
+def test_lw_run_writes_results(lw_run):
+  workdir, results = lw_run
+  with open(os.path.join(workdir, "results.json")) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(results))
+  for field in ("dataset", "model", "method", "seed", "train_examples", "stages",
+                "test_accuracy", "train_accuracy", "wall_time_s", "config"):
+    assert field in written, field
+  assert written["method"] == "lw" and written["train_examples"] == 100
+  assert written["test_examples"] == 500  # every test example counted once
+  assert [s["stage"] for s in written["stages"]] == [0, 1, 2]
+  assert written["total_epochs"] == 6
+  assert written["test_accuracy"] == written["stages"][-1]["test_accuracy"]
+  assert written["test_accuracy"] > 0.2  # well above chance (0.1) after 6 epochs
+  assert written["config"]["lw"]["rescale"] is True
+  # A stage changes values, never programs: one compilation of each step for three stages.
+  assert written["compilations"] == {"train_step": 1, "eval_step": 1}
+
+
+def test_runs_are_deterministic(data_dir, lw_run, tmp_path):
+  from reinit import train
+  _, first = lw_run
+  again = train.train_and_evaluate(_tiny_config(data_dir, "lw"), str(tmp_path))
+  assert again["stages"] == first["stages"]
+
+
+def test_baseline_long_matches_lw_compute(data_dir, tmp_path):
+  from reinit import train
+  results = train.train_and_evaluate(_tiny_config(data_dir, "baseline_long"), str(tmp_path))
+  assert len(results["stages"]) == 1 and results["total_epochs"] == 6
+
+
+# ------------------------------------------------------------------ user errors
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--config=configs/benchmark.py:model=foo"], ["model", "simple_cnn", "resnet18"]),
+    (["--config=configs/benchmark.py:method=foo"], ["method", "baseline", "lw"]),
+    (["--config=configs/benchmark.py:dataset=no_such_set"], ["no_such_set"]),
+    (["--config=configs/digits.py", "--config.train_examples=-5"], ["train_examples", "-1"]),
+    (["--config=configs/digits.py", "--config.batch_sise=8"], ["batch_sise", "batch_size"]),
+])
+def test_cli_user_errors_are_one_line(tmp_path, data_dir, args, words):
+  workdir = tmp_path / "run"
+  data_flags = [f"--config.data_dir={data_dir}"] if "digits" in args[0] else []
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.main", f"--workdir={workdir}", *args, *data_flags],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  for word in words:
+    assert word in errors[0], errors[0]
+  assert not workdir.exists()  # nothing written
