@@ -7,9 +7,13 @@ Run (offline, about a minute on 2 CPU cores):
     --workdir=runs/digits_lw
 
 Any field can be overridden after that, e.g. `--config.seed=1 --config.train_examples=500
---config.num_stages=3 --config.data_dir=/data/tfds`. `dataset` is a key of `DATASETS` below or
-any TFDS name prepared in `data_dir` (classes and shapes are read from the builder's info).
+--config.num_stages=3 --config.data_dir=/data/tfds --config.label_noise=0.2`. `dataset` is a key
+of `DATASETS` below, any TFDS name prepared in `data_dir`, or `folder:ROOT` for a folder of
+images per class (ROOT/SPLIT/CLASS/*.png|jpg; set `image_size`). Classes and shapes are always
+read from the builder's info.
 """
+
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -17,24 +21,60 @@ from ml_collections import config_dict
 from reinit import methods
 from reinit import models
 
-# key: (TFDS name, train split, test split, image size, augmentation, default train_examples)
-# Image size None keeps the native size. Sizes of the full splits are in the README.
-DATASETS = {
-    "digits": ("digits", "train", "test", None, "none", 200),
-    "cifar10": ("cifar10", "train", "test", 32, "crop_flip", None),
-    "cifar100": ("cifar100", "train", "test", 32, "crop_flip", None),
-    "svhn": ("svhn_cropped", "train", "test", 32, "crop", None),
-    "fashion_mnist": ("fashion_mnist", "train", "test", 32, "crop_flip", None),
-    "caltech101": ("caltech101", "train", "test", 64, "crop_flip", None),
-    "birds": ("caltech_birds2011", "train", "test", 64, "crop_flip", None),
-    "dtd": ("dtd", "train+validation", "test", 64, "crop_flip", None),
-    "flowers": ("oxford_flowers102", "train+validation", "test", 64, "crop_flip", None),
-    "pets": ("oxford_iiit_pet", "train", "test", 64, "crop_flip", None),
-    "dogs": ("stanford_dogs", "train", "test", 64, "crop_flip", None),
-    "eurosat": ("eurosat/rgb", "train[:80%]", "train[80%:]", 64, "crop_flip", None),
-    "colorectal": ("colorectal_histology", "train[:80%]", "train[80%:]", 64, "crop_flip", None),
-}
 
+class Benchmark(NamedTuple):
+  """One benchmark dataset: the config fields it sets, then TFDS metadata (hints only).
+
+  The hints document the README table and are checked by tests/test_benchmarks.py against the
+  installed TFDS builders (classes, native shape); the pipeline always reads classes and shapes
+  from the builder itself. Split sizes are those of the TFDS 4.9.10 catalog for the split
+  strings below (`train[:80%]` of 27,000 is 21,600).
+  """
+  tfds_name: str
+  train_split: str
+  test_split: str
+  image_size: int | None           # None keeps the native size
+  augment: str                     # none, crop (no flip: digits) or crop_flip
+  train_examples: int | None       # default subset size; None: the whole train split
+  num_classes: int | None = None
+  native_shape: tuple | None = None  # (H, W, C); None where H and W vary per image
+  train_size: int | None = None
+  test_size: int | None = None
+
+
+_VARIABLE = (None, None, 3)
+DATASETS = {
+    "digits": Benchmark("digits", "train", "test", None, "none", 200,
+                        10, (8, 8, 1), 1297, 500),
+    "cifar10": Benchmark("cifar10", "train", "test", 32, "crop_flip", None,
+                         10, (32, 32, 3), 50000, 10000),
+    "cifar100": Benchmark("cifar100", "train", "test", 32, "crop_flip", None,
+                          100, (32, 32, 3), 50000, 10000),
+    "svhn": Benchmark("svhn_cropped", "train", "test", 32, "crop", None,
+                      10, (32, 32, 3), 73257, 26032),
+    "fashion_mnist": Benchmark("fashion_mnist", "train", "test", 32, "crop_flip", None,
+                               10, (28, 28, 1), 60000, 10000),
+    # 101 object classes plus the BACKGROUND_Google clutter class; 30 train images per class.
+    "caltech101": Benchmark("caltech101", "train", "test", 64, "crop_flip", None,
+                            102, _VARIABLE, 3060, 6084),
+    "birds": Benchmark("caltech_birds2011", "train", "test", 64, "crop_flip", None,
+                       200, _VARIABLE, 5994, 5794),
+    # TFDS's dtd splits are fold 1 of the official 10 folds (1,880 images each).
+    "dtd": Benchmark("dtd", "train+validation", "test", 64, "crop_flip", None,
+                     47, _VARIABLE, 3760, 1880),
+    "flowers": Benchmark("oxford_flowers102", "train+validation", "test", 64, "crop_flip", None,
+                         102, _VARIABLE, 2040, 6149),
+    "pets": Benchmark("oxford_iiit_pet", "train", "test", 64, "crop_flip", None,
+                      37, _VARIABLE, 3680, 3669),
+    "dogs": Benchmark("stanford_dogs", "train", "test", 64, "crop_flip", None,
+                      120, _VARIABLE, 12000, 8580),
+    # One TFDS split only (27,000 images): its first 80% trains, the rest tests.
+    "eurosat": Benchmark("eurosat/rgb", "train[:80%]", "train[80%:]", 64, "crop_flip", None,
+                         10, (64, 64, 3), 21600, 5400),
+    # One TFDS split only (5,000 images).
+    "colorectal": Benchmark("colorectal_histology", "train[:80%]", "train[80%:]", 64,
+                            "crop_flip", None, 8, (150, 150, 3), 4000, 1000),
+}
 
 
 def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
@@ -65,18 +105,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = spec["model"]
   config.method = spec["method"]
 
-  # Data. A key of DATASETS fills these in; any other TFDS name uses the defaults below.
-  tfds_name, train_split, test_split, image_size, augment, train_examples = DATASETS.get(
-      spec["dataset"], (spec["dataset"], "train", "test", None, "none", None))
-  config.tfds_name = tfds_name
+  # Data. A key of DATASETS fills these in; any other TFDS name (or folder:ROOT) uses the
+  # defaults below.
+  bench = DATASETS.get(spec["dataset"]) or Benchmark(
+      spec["dataset"], "train", "test", None, "none", None)
+  config.tfds_name = bench.tfds_name
   config.data_dir = config_dict.placeholder(str)
-  config.train_split = train_split
-  config.test_split = test_split
+  config.train_split = bench.train_split
+  config.test_split = bench.test_split
   config.image_size = config_dict.placeholder(int)
-  config.image_size = image_size
-  config.augment = augment
+  config.image_size = bench.image_size
+  config.augment = bench.augment
   config.train_examples = config_dict.placeholder(int)  # None: the whole train split
-  config.train_examples = train_examples
+  config.train_examples = bench.train_examples
+  config.train_fraction = config_dict.placeholder(float)  # when train_examples is None or -1
+  config.subset_seed = config_dict.placeholder(int)  # subset and label noise; None: seed
+  config.label_noise = 0.0  # fraction of the training subset given a wrong label, in [0, 1)
 
   # Model.
   config.width = 1.0  # channel multiplier
@@ -95,7 +139,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.warmup_epochs = 1.0
   config.label_smoothing = 0.0
 
-  # Method knobs (see README, "Methods").
+  # Stage policy, for every method (see README, "Methods").
+  config.reset_optimizer = "fresh"  # fresh: new optimizer state per stage; masked: zero it
+                                    # only where the switch changed params
+  config.restart_schedule = True    # restart warmup + cosine every stage, else one schedule
+  config.compare_with = "lw"        # the method whose compute baseline_long and restarts match
+
+  # Method knobs, with their sources (README, "Methods").
   config.lw = ml_collections.ConfigDict(dict(
       rescale=True,             # rescale kept units to their norms at initialization
       normalize=True,           # standardize the output of the top kept unit
@@ -103,11 +153,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rescale_zero_init=False,  # also rescale zero-initialized leaves (sets them to zero)
       calibration_batches=4,    # training batches for the standardization statistics
   ))
-  config.baseline_long = ml_collections.ConfigDict(dict(compare_with="lw"))
+  config.llf = ml_collections.ConfigDict(dict(
+      reset_from=-3,            # first reset unit: name or index (-3: last two blocks + head)
+      reset_batch_stats=True,
+  ))
+  config.ke = ml_collections.ConfigDict(dict(
+      split_rate=0.5,               # fraction kept (fit hypothesis); KE/LLF fork default
+      split_granularity="weight",   # weight (WELS) or filter (KELS)
+  ))
+  config.rand = ml_collections.ConfigDict(dict(fraction=0.5))  # reset per stage, re-drawn
+  config.sp = ml_collections.ConfigDict(dict(shrink=0.4, perturb=0.1))  # Ash & Adams 2020
+  config.dsd = ml_collections.ConfigDict(dict(
+      sparsity=0.3,   # pruned fraction per layer (Han et al. 2017 used 30% for ResNets)
+      lr_factor=0.1,  # learning rate of the final dense stage, relative
+  ))
 
-  # Bookkeeping.
+  # Devices and bookkeeping.
+  config.num_devices = -1  # devices of the data-parallel mesh; -1: all
   config.log_every_steps = 50
-  config.checkpoint_every_steps = 0  # 0: only at stage ends (checkpointing: see README)
+  config.checkpoint_every_steps = 0  # 0: only at stage ends, which are always checkpointed
   return config
 
 

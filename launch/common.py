@@ -1,5 +1,6 @@
 """What the launchers share: the XLA CPU setup, one-line user errors, running a config."""
 
+import logging
 import os
 import sys
 
@@ -8,7 +9,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def fail(message: str, status: int = 2):
+def fail(message: str, *, status: int = 2):
   """Prints `error: message` on one line to stderr and exits with `status`."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
@@ -21,6 +22,8 @@ def run_or_exit(config, workdir: str) -> dict:
     return train.train_and_evaluate(config, workdir)
   except train.ConfigError as e:
     fail(str(e))
+  except train.TrainingDiverged as e:
+    fail(str(e), status=3)
 
 
 def one_line(error: BaseException) -> str:
@@ -42,8 +45,20 @@ def _parse_flags(argv):
     fail(one_line(e))
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops the libraries' routine log lines (orbax logs a dozen per checkpoint, TFDS one per
+  dataset read), keeping their warnings and the run's own lines."""
+
+  _CHATTY = ("/orbax/", "/tensorflow_datasets/")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    chatty = any(part in record.pathname for part in self._CHATTY)
+    return not chatty or record.levelno >= logging.ERROR
+
+
 def run_app(main) -> int:
   """`absl.app.run(main)` where bad flags or config values exit with one line, status 2."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  logging.getLogger("absl").addFilter(_QuietLibraries())
   app.run(main, flags_parser=_parse_flags)
   return 0

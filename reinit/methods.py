@@ -1,19 +1,24 @@
 """Reinitialization methods as plans of stages built from the public transforms.
 
-A method is a `Plan`: a number of stages, each with its epochs and peak learning rate, and a
-stage switch, a pure function `(k, variables, fresh, memory) -> variables` applied before stage
-k >= 1. `memory` is the method's bookkeeping drawn once at stage 0 by `Plan.begin` (e.g. LW's
-norms at initialization); it is a pytree, so it is checkpointed with the state. The trainer
-knows nothing else of a method: it creates `fresh = model.init(fold_in(key, k), ...)`, calls
-the switch, calibrates the standardization the plan names, and trains with a fresh optimizer
-state and a restarted schedule.
+A method is a `Plan`: stages, each with its epochs and peak learning rate, and a stage switch,
+a pure function `(k, variables, fresh, memory, rng) -> Switched(variables, memory, touched)`
+applied before stage k >= 1 (k is static; everything else may be traced, so the trainer jits
+it). `memory` is the method's bookkeeping, drawn at stage 0 by `Plan.begin(variables, rng)`
+(LW's norms at initialization, KE's split key, DSD's keep mask); it is a pytree of arrays, so it
+is checkpointed with the state. `touched` is a mask over `params` of what the switch changed
+(the optimizer policy `reset_optimizer=masked` zeroes the optimizer state there).
 
-`units` is `reinit.layer_order(model, ...)`: bottom-up, head last; K = len(units) - 1.
+The trainer knows nothing else of a method: it draws `fresh = model.init(fold_in(key, k), ...)`,
+calls the switch, calibrates the standardization `calibrate_unit(k)` names, holds the params
+where `memory['keep']` is False at zero when `holds_zeros`, and trains.
+
+`units` is `reinit.layer_order(model, ...)`: bottom-up, head last; K = len(units) - 1. Every
+method that reinitializes uses the same number of stages, K + 1, capped by `num_stages`.
 """
 
 from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -24,11 +29,19 @@ from reinit import tree as tree_lib
 from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION
 
 PyTree = Any
-Switch = Callable[[int, PyTree, PyTree, PyTree], PyTree]
 
 _ZERO_NORM = 1e-6  # init norms at or below it mark zero-initialized leaves (biases)
 
-METHODS = ("baseline", "baseline_long", "lw", "lw_norescale", "lw_nonorm")
+METHODS = ("baseline", "baseline_long", "restarts", "lw", "lw_norescale", "lw_nonorm", "head",
+           "llf", "ke", "rand", "sp", "dsd")
+COMPARABLE = tuple(m for m in METHODS if m not in ("baseline_long", "restarts"))
+
+
+class Switched(NamedTuple):
+  """What a stage switch returns: new variables, new memory, and a params mask of changes."""
+  variables: PyTree
+  memory: PyTree
+  touched: PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,36 +52,33 @@ class Plan:
     name: the method's name.
     epochs: epochs of each stage; `len(epochs)` is the number of stages.
     learning_rates: peak learning rate of each stage.
-    begin: `variables -> memory`, run once on the initial variables.
-    switch: `(k, variables, fresh, memory) -> variables`, the transform before stage k >= 1.
+    begin: `(variables, rng) -> memory`, run once on the initial variables.
+    switch: `(k, variables, fresh, memory, rng) -> Switched`, the transform before stage k >= 1.
     calibrate_unit: `k -> unit name or None`, the unit whose output standardization is switched
       on (with statistics from training batches) right after the switch to stage k.
+    holds_zeros: the train step keeps params at zero where `memory['keep']` is False (DSD).
   """
   name: str
   epochs: tuple[int, ...]
   learning_rates: tuple[float, ...]
-  begin: Callable[[PyTree], PyTree]
-  switch: Switch
-  calibrate_unit: Callable[[int], str | None]
+  begin: Callable[[PyTree, jax.Array], PyTree] = lambda variables, rng: {}
+  switch: Callable[..., Switched] = None
+  calibrate_unit: Callable[[int], str | None] = lambda k: None
+  holds_zeros: bool = False
 
   @property
   def num_stages(self) -> int:
     return len(self.epochs)
 
 
-def _no_memory(variables):
-  del variables
-  return {}
+def _nothing(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda _: False, params)
 
 
-def _keep(k, variables, fresh, memory):
-  del k, fresh, memory
-  return variables
-
-
-def _never(k):
-  del k
-  return None
+def _keep_all(k, variables, fresh, memory, rng) -> Switched:
+  """No transform: the switch of `restarts` (only optimizer and schedule restart)."""
+  del k, fresh, rng
+  return Switched(variables, memory, _nothing(variables["params"]))
 
 
 def _cap_stages(num_stages: int | None, available: int) -> int:
@@ -76,6 +86,24 @@ def _cap_stages(num_stages: int | None, available: int) -> int:
   if num_stages is None or num_stages == -1:
     return available
   return max(1, min(int(num_stages), available))
+
+
+def _unit_index(spec, units: Sequence[str]) -> int:
+  """A unit given by name or by index (negative counts from the top) -> its index."""
+  if isinstance(spec, str) and spec.lstrip("-").isdigit():
+    spec = int(spec)
+  if isinstance(spec, int):
+    if not -len(units) < spec < len(units):
+      raise ValueError(f"llf.reset_from={spec} is out of range; accepted: a unit name in "
+                       f"{list(units)} or an index in [{1 - len(units)}, {len(units) - 1}]")
+    return spec % len(units)
+  if spec not in units:
+    raise ValueError(f"llf.reset_from={spec!r} is unknown; accepted: a unit name in "
+                     f"{list(units)} or an index")
+  return units.index(spec)
+
+
+# ---------------------------------------------------------------- LW
 
 
 def init_norms(variables: PyTree) -> PyTree:
@@ -89,6 +117,14 @@ def deactivate_standardizations(variables: PyTree) -> PyTree:
   def off(path, leaf):
     return jnp.zeros_like(leaf) if path.endswith("/active") else leaf
   return {**variables, NORM_COLLECTION: tree_lib.map_with_path(off, variables[NORM_COLLECTION])}
+
+
+def _reset_mask(variables: PyTree, layers: Sequence[str], reset_batch_stats: bool) -> PyTree:
+  """Leaf mask of `layers` in `params` (and `batch_stats` when asked), False elsewhere."""
+  collections = ("params", "batch_stats") if reset_batch_stats else ("params",)
+  above = tree_lib.select(variables, layers=layers)
+  return {c: above[c] if c in collections else jax.tree.map(lambda _: False, above[c])
+          for c in above}
 
 
 def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units: Sequence[str],
@@ -111,11 +147,8 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
     The variables for stage k, with every standardization switched off (the trainer switches on
     the one at the output of units[k-1] once it has statistics, see `calibrate_standardization`).
   """
-  reset_collections = ("params", "batch_stats") if reset_batch_stats else ("params",)
-  above = tree_lib.select(variables, layers=units[k:])
-  reset = {c: (above[c] if c in reset_collections else jax.tree.map(lambda _: False, above[c]))
-           for c in above}
-  out = transforms.reinitialize(variables, fresh, reset)
+  out = transforms.reinitialize(variables, fresh,
+                                _reset_mask(variables, units[k:], reset_batch_stats))
   if rescale:
     kept = tree_lib.select(out["params"], layers=units[:k])
     rescaled = transforms.rescale(out["params"], memory["init_norms"], kept)
@@ -159,52 +192,164 @@ def calibrate_standardization(apply_fn: Callable[..., Any], variables: PyTree,
   return {**variables, NORM_COLLECTION: norm}
 
 
+# ---------------------------------------------------------------- the other methods
+
+
+def layers_switch(layers: Sequence[str], *, reset_batch_stats: bool = True):
+  """A switch that reinitializes `layers` every stage (head: the head; llf: units[k0:])."""
+  def switch(k, variables, fresh, memory, rng):
+    del k, rng
+    mask = _reset_mask(variables, layers, reset_batch_stats)
+    return Switched(transforms.reinitialize(variables, fresh, mask), memory, mask["params"])
+  return switch
+
+
+def _complement_in_mask(mask: PyTree) -> PyTree:
+  """Array leaves negated, Python-bool leaves False: the unselected part of what was drawn."""
+  return jax.tree.map(lambda m: False if isinstance(m, bool) else ~m, mask)
+
+
+def ke_fit_mask(key: jax.Array, params: PyTree, *, split_rate: float, granularity: str) -> PyTree:
+  """KE's fit hypothesis: `split_rate` of the kernel weights (or filters, with their per-channel
+  bias/BatchNorm entries) drawn once with `key`; True = kept across generations."""
+  return transforms.random_mask(key, params, fraction=split_rate, granularity=granularity)
+
+
+def ke_switch(*, split_rate: float, granularity: str):
+  """Knowledge Evolution: reinitialize the reset hypothesis (complement of the fixed fit mask)."""
+  def switch(k, variables, fresh, memory, rng):
+    del k, rng
+    fit = ke_fit_mask(jax.random.wrap_key_data(memory["split_key"]), variables["params"],
+                      split_rate=split_rate,
+                      granularity=granularity)
+    reset = _complement_in_mask(fit)
+    params = transforms.reinitialize(variables["params"], fresh["params"], reset)
+    return Switched({**variables, "params": params}, memory, reset)
+  return switch
+
+
+def rand_switch(*, fraction: float):
+  """Random-subset reinitialization: a new `fraction` of each kernel's entries every stage."""
+  def switch(k, variables, fresh, memory, rng):
+    del k
+    reset = transforms.random_mask(rng, variables["params"], fraction=fraction)
+    params = transforms.reinitialize(variables["params"], fresh["params"], reset)
+    return Switched({**variables, "params": params}, memory, reset)
+  return switch
+
+
+def sp_switch(*, shrink: float, perturb: float):
+  """Shrink-and-perturb: every param becomes `shrink * p + perturb * fresh`."""
+  def switch(k, variables, fresh, memory, rng):
+    del k, rng
+    params = transforms.shrink_perturb(variables["params"], fresh["params"], shrink=shrink,
+                                       perturb=perturb)
+    return Switched({**variables, "params": params}, memory,
+                    jax.tree.map(lambda _: True, params))
+  return switch
+
+
+def dsd_begin(variables, rng):
+  """DSD starts dense: every param kept."""
+  del rng
+  return {"keep": jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), variables["params"])}
+
+
+def dsd_switch(*, sparsity: float):
+  """Dense-Sparse-Dense: stage 1 prunes, stage 2 releases the pruned weights (from zero)."""
+  def switch(k, variables, fresh, memory, rng):
+    del fresh, rng
+    params = variables["params"]
+    if k == 1:
+      pruned = transforms.magnitude_mask(params, sparsity=sparsity)
+      keep = jax.tree.map(lambda p, m: jnp.ones(p.shape, jnp.bool_) if isinstance(m, bool)
+                          else ~m, params, pruned)
+      params = jax.tree.map(lambda p, kept: jnp.where(kept, p, jnp.zeros_like(p)), params, keep)
+      return Switched({**variables, "params": params}, {"keep": keep}, pruned)
+    keep = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), params)
+    return Switched(variables, {"keep": keep}, _nothing(params))
+  return switch
+
+
+# ---------------------------------------------------------------- plans
+
+
 def make_plan(config, units: Sequence[str]) -> Plan:
   """The plan of `config.method` for a model whose units are `units`.
 
-  Reads `config.method`, `config.epochs_per_stage`, `config.num_stages`, `config.learning_rate`
-  and the method's own knobs (`config.lw.*`, `config.baseline_long.compare_with`).
+  Reads `config.method`, `epochs_per_stage`, `num_stages`, `learning_rate`, `compare_with`
+  and the method's own knobs (`config.lw`, `config.llf`, `config.ke`, `config.rand`,
+  `config.sp`, `config.dsd`).
 
   Raises:
-    ValueError: unknown method (names the accepted ones).
+    ValueError: unknown method or knob value (names the accepted ones).
   """
   name = config.method
   if name not in METHODS:
     raise ValueError(f"method={name!r} is unknown; accepted: {', '.join(METHODS)}")
   epochs, lr = int(config.epochs_per_stage), float(config.learning_rate)
-  num_units = len(units)
+  stages = _cap_stages(config.num_stages, len(units))
+
+  def repeated(**kwargs) -> Plan:
+    return Plan(name, (epochs,) * stages, (lr,) * stages, **kwargs)
 
   if name == "baseline":
-    return Plan(name, (epochs,), (lr,), _no_memory, _keep, _never)
+    return Plan(name, (epochs,), (lr,))
+  if name in ("baseline_long", "restarts"):
+    if config.compare_with not in COMPARABLE:
+      raise ValueError(f"compare_with={config.compare_with!r} is invalid; accepted: "
+                       f"{', '.join(COMPARABLE)}")
+    other = config.copy_and_resolve_references()
+    other.method = config.compare_with
+    compared = make_plan(other, units)
+    if name == "baseline_long":
+      return Plan(name, (sum(compared.epochs),), (lr,))
+    return Plan(name, compared.epochs, compared.learning_rates, switch=_keep_all)
 
-  if name == "baseline_long":
-    compared = config.baseline_long.compare_with
-    compared_stages = make_plan(_with_method(config, compared), units).num_stages
-    return Plan(name, (epochs * compared_stages,), (lr,), _no_memory, _keep, _never)
+  if name in ("lw", "lw_norescale", "lw_nonorm"):
+    lw = config.lw
+    rescale = bool(lw.rescale) and name != "lw_norescale"
+    normalize = bool(lw.normalize) and name != "lw_nonorm"
 
-  # lw and its ablations: stage k keeps units[:k]; K = num_units - 1 reinitialization stages.
-  lw = config.lw
-  rescale = bool(lw.rescale) and name != "lw_norescale"
-  normalize = bool(lw.normalize) and name != "lw_nonorm"
-  stages = _cap_stages(config.num_stages, num_units)
+    def switch(k, variables, fresh, memory, rng):
+      del rng
+      out = lw_switch(k, variables, fresh, memory, units=units, rescale=rescale,
+                      reset_batch_stats=bool(lw.reset_batch_stats),
+                      rescale_zero_init=bool(lw.rescale_zero_init))
+      return Switched(out, memory, tree_lib.select(variables["params"], layers=units[k:]))
 
-  def switch(k, variables, fresh, memory):
-    return lw_switch(k, variables, fresh, memory, units=units, rescale=rescale,
-                     reset_batch_stats=bool(lw.reset_batch_stats),
-                     rescale_zero_init=bool(lw.rescale_zero_init))
+    return repeated(begin=lambda variables, rng: {"init_norms": init_norms(variables)},
+                    switch=switch,
+                    calibrate_unit=lambda k: units[k - 1] if normalize else None)
+  if name == "head":
+    return repeated(switch=layers_switch(units[-1:]))
+  if name == "llf":
+    start = _unit_index(config.llf.reset_from, units)
+    return repeated(switch=layers_switch(units[start:],
+                                         reset_batch_stats=bool(config.llf.reset_batch_stats)))
+  if name == "ke":
+    granularity = config.ke.split_granularity
+    if granularity not in ("weight", "filter"):
+      raise ValueError(f"ke.split_granularity={granularity!r} is unknown; accepted: weight "
+                       "(WELS), filter (KELS)")
+    _check_fraction("ke.split_rate", config.ke.split_rate)
+    # Raw key data, not a typed key: memory is checkpointed as plain arrays.
+    return repeated(begin=lambda variables, rng: {"split_key": jax.random.key_data(rng)},
+                    switch=ke_switch(split_rate=float(config.ke.split_rate),
+                                     granularity=granularity))
+  if name == "rand":
+    _check_fraction("rand.fraction", config.rand.fraction)
+    return repeated(switch=rand_switch(fraction=float(config.rand.fraction)))
+  if name == "sp":
+    return repeated(switch=sp_switch(shrink=float(config.sp.shrink),
+                                     perturb=float(config.sp.perturb)))
+  # dsd: dense, sparse, dense at a lower learning rate (Han et al. 2017).
+  _check_fraction("dsd.sparsity", config.dsd.sparsity)
+  return Plan(name, (epochs,) * 3, (lr, lr, lr * float(config.dsd.lr_factor)),
+              begin=dsd_begin, switch=dsd_switch(sparsity=float(config.dsd.sparsity)),
+              holds_zeros=True)
 
-  def calibrate_unit(k):
-    return units[k - 1] if normalize else None
 
-  def begin(variables):
-    return {"init_norms": init_norms(variables)}
-
-  return Plan(name, (epochs,) * stages, (lr,) * stages, begin, switch, calibrate_unit)
-
-
-def _with_method(config, method: str):
-  if method == "baseline_long":
-    raise ValueError("baseline_long.compare_with must name another method, not baseline_long")
-  other = config.copy_and_resolve_references()
-  other.method = method
-  return other
+def _check_fraction(field: str, value) -> None:
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{field}={value!r} is invalid; accepted: a fraction in [0, 1]")

@@ -1,12 +1,18 @@
 """The trainer: `train_and_evaluate(config, workdir)` runs a method's plan of stages.
 
-Each stage starts with the method's switch (a pure function of the variables, a fresh init and
-the method's memory), then trains all layers for the stage's epochs with a fresh optimizer state
-and a restarted warmup-cosine schedule. The train and eval steps are jitted once and reused by
-every stage: a stage changes values, never shapes, so it never recompiles them.
+Each stage starts with the method's switch (a pure function of the variables, a fresh init, the
+method's memory and a key), then trains all layers for the stage's epochs with a fresh (or
+partly reset) optimizer state and a restarted (or continued) warmup-cosine schedule. The train
+and eval steps are compiled once, ahead of time, and reused by every stage: a stage changes
+values, never shapes, so it cannot recompile them.
 
 Data parallelism is `jax.jit` over a 1-D mesh: the batch is sharded on the `data` axis, the
-train state is replicated and donated to the step. The same code runs on one CPU or many devices.
+train state is replicated and donated to the step. The same code runs on one CPU, many devices
+or many hosts (after `jax.distributed.initialize()`, each process feeds its slice of the batch).
+
+A run is a pure function of its config and seed on a given device count. It checkpoints with
+orbax (every `checkpoint_every_steps` and at every stage end) and resumes from the latest good
+checkpoint when started again with the same config and workdir, ending with the same results.
 """
 
 import dataclasses
@@ -25,24 +31,40 @@ import optax
 
 from reinit import methods
 from reinit import models
+from reinit import transforms
 from reinit import tree as tree_lib
 
 PyTree = Any
 RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+VARIABLES_DIR = "variables"  # WORKDIR/variables/{init,final}: orbax checkpoints of `variables`
 _AUGMENTATIONS = ("none", "crop", "crop_flip")
 _COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_OPTIMIZER_POLICIES = ("fresh", "masked")
+# Fields that change how a run is logged or checkpointed, not what it computes.
+_BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir")
 
 
 class ConfigError(ValueError):
-  """A user error in the config or the data it names; its message is one line."""
+  """A user error in the config, the workdir or the data they name; a one-line message."""
+
+
+class TrainingDiverged(FloatingPointError):
+  """The training loss became non-finite; the message names the stage and step."""
 
 
 @flax.struct.dataclass
 class TrainState:
-  """step: global step (int32 scalar); variables: linen variables; opt_state: optax state."""
+  """The whole training state; a pytree of arrays, checkpointed as it is.
+
+  step: global step (int32 scalar). variables: linen variables (params, batch_stats, norm).
+  opt_state: optax state. memory: the method's bookkeeping (`methods.Plan.begin`).
+  """
   step: jax.Array
   variables: PyTree
   opt_state: PyTree
+  memory: PyTree
 
 
 # ---------------------------------------------------------------- config checks
@@ -53,20 +75,24 @@ def _positive_int(field: str, value) -> None:
     raise ConfigError(f"{field}={value!r} is invalid; accepted: a positive integer")
 
 
+def _choice(field: str, value, accepted) -> None:
+  if value not in accepted:
+    raise ConfigError(f"{field}={value!r} is unknown; accepted: {', '.join(accepted)}")
+
+
+def num_devices(config) -> int:
+  """Devices the run uses: `config.num_devices`, or all when -1."""
+  requested = config.get("num_devices", -1)
+  return jax.device_count() if requested == -1 else requested
+
+
 def validate_config(config) -> None:
   """Raises ConfigError (one line naming the field and the accepted values) on bad input."""
-  if config.model not in models.MODELS:
-    raise ConfigError(f"model={config.model!r} is unknown; accepted: "
-                      f"{', '.join(sorted(models.MODELS))}")
-  if config.method not in methods.METHODS:
-    raise ConfigError(f"method={config.method!r} is unknown; accepted: "
-                      f"{', '.join(methods.METHODS)}")
-  if config.augment not in _AUGMENTATIONS:
-    raise ConfigError(f"augment={config.augment!r} is unknown; accepted: "
-                      f"{', '.join(_AUGMENTATIONS)}")
-  if config.compute_dtype not in _COMPUTE_DTYPES:
-    raise ConfigError(f"compute_dtype={config.compute_dtype!r} is unknown; accepted: "
-                      f"{', '.join(_COMPUTE_DTYPES)}")
+  _choice("model", config.model, sorted(models.MODELS))
+  _choice("method", config.method, methods.METHODS)
+  _choice("augment", config.augment, _AUGMENTATIONS)
+  _choice("compute_dtype", config.compute_dtype, tuple(_COMPUTE_DTYPES))
+  _choice("reset_optimizer", config.reset_optimizer, _OPTIMIZER_POLICIES)
   examples = config.train_examples
   if examples is not None and examples != -1 and (not isinstance(examples, int) or examples < 1):
     raise ConfigError(f"train_examples={examples!r} is invalid; accepted: a positive number of "
@@ -77,15 +103,15 @@ def validate_config(config) -> None:
     _positive_int("num_stages", config.num_stages)
   if not config.learning_rate > 0:
     raise ConfigError(f"learning_rate={config.learning_rate!r} is invalid; accepted: > 0")
-  devices = jax.device_count()
+  requested = config.get("num_devices", -1)
+  if requested != -1 and not (isinstance(requested, int) and 1 <= requested <= jax.device_count()):
+    raise ConfigError(f"num_devices={requested!r} is invalid; accepted: -1 (all) or 1.."
+                      f"{jax.device_count()}")
+  devices = num_devices(config)
   for field in ("batch_size", "eval_batch_size"):
     if config[field] % devices:
       raise ConfigError(f"{field}={config[field]} is invalid; accepted: a multiple of the "
                         f"number of devices ({devices})")
-  if config.method == "baseline_long" and config.baseline_long.compare_with not in (
-      set(methods.METHODS) - {"baseline_long"}):
-    raise ConfigError(f"baseline_long.compare_with={config.baseline_long.compare_with!r} is "
-                      f"invalid; accepted: {', '.join(m for m in methods.METHODS if m != 'baseline_long')}")
 
 
 # ---------------------------------------------------------------- model and optimizer
@@ -98,7 +124,7 @@ def create_model(config, num_classes: int):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """SGD (Nesterov) with decoupled-from-schedule weight decay on kernels.
+  """SGD (Nesterov) with weight decay on kernels.
 
   The learning rate is an injected hyperparameter: the train step sets it from the stage's
   schedule, so every stage (whatever its length or peak) uses the same compiled step.
@@ -110,12 +136,27 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.inject_hyperparams(sgd)(learning_rate=0.0)
 
 
-def stage_learning_rates(config, *, peak: float, steps: int, steps_per_epoch: int) -> np.ndarray:
-  """Learning rate of each step of a stage: linear warmup, then cosine decay to 0. (steps,) f32."""
+def warmup_cosine(config, *, peak: float, steps: int, steps_per_epoch: int) -> np.ndarray:
+  """Learning rate of each of `steps` steps: linear warmup, then cosine decay to 0. (steps,) f32."""
   warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(steps, 1))
   return np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+
+
+def stage_learning_rates(config, plan: methods.Plan, steps_per_epoch: int) -> list[np.ndarray]:
+  """Per stage, the learning rate of each of its steps.
+
+  With `restart_schedule`, every stage runs its own warmup + cosine at its own peak; without,
+  one schedule spans all stages (each stage's peak then scales its slice).
+  """
+  steps = [e * steps_per_epoch for e in plan.epochs]
+  if config.restart_schedule:
+    return [warmup_cosine(config, peak=peak, steps=n, steps_per_epoch=steps_per_epoch)
+            for peak, n in zip(plan.learning_rates, steps)]
+  whole = warmup_cosine(config, peak=1.0, steps=sum(steps), steps_per_epoch=steps_per_epoch)
+  bounds = np.cumsum([0] + steps)
+  return [whole[a:b] * peak for a, b, peak in zip(bounds[:-1], bounds[1:], plan.learning_rates)]
 
 
 def cross_entropy(logits, labels, *, num_classes: int, label_smoothing: float):
@@ -124,8 +165,17 @@ def cross_entropy(logits, labels, *, num_classes: int, label_smoothing: float):
   return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
-def make_train_step(model, tx, *, num_classes: int, label_smoothing: float):
-  """`(state, batch, learning_rate) -> (state, metrics)`; batch: image (B,H,W,C), label (B,)."""
+def _held_at_zero(tree, keep):
+  return jax.tree.map(lambda x, k: jnp.where(k, x, jnp.zeros_like(x)), tree, keep)
+
+
+def make_train_step(model, tx, *, num_classes: int, label_smoothing: float,
+                    holds_zeros: bool = False):
+  """`(state, batch, learning_rate) -> (state, metrics)`; batch: image (B,H,W,C), label (B,).
+
+  With `holds_zeros`, params where `state.memory['keep']` is False get no gradient and stay
+  exactly zero (DSD's sparse stage).
+  """
   def train_step(state: TrainState, batch, learning_rate):
     def loss_fn(params):
       logits, new_state = model.apply({**state.variables, "params": params}, batch["image"],
@@ -136,13 +186,17 @@ def make_train_step(model, tx, *, num_classes: int, label_smoothing: float):
 
     params = state.variables["params"]
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if holds_zeros:
+      grads = _held_at_zero(grads, state.memory["keep"])
     opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
     updates, opt_state = tx.update(grads, opt_state, params)
-    variables = {**state.variables, "params": optax.apply_updates(params, updates),
-                 "batch_stats": batch_stats}
+    params = optax.apply_updates(params, updates)
+    if holds_zeros:
+      params = _held_at_zero(params, state.memory["keep"])
+    variables = {**state.variables, "params": params, "batch_stats": batch_stats}
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
-    return TrainState(state.step + 1, variables, opt_state), metrics
+    return state.replace(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
   return train_step
 
 
@@ -159,40 +213,78 @@ def make_eval_step(model, *, num_classes: int):
   return eval_step
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- what a run compiles once
 
 
 @dataclasses.dataclass
-class _Runtime:
-  """What a run compiles and shards once and reuses in every stage."""
+class Runtime:
+  """The model, optimizer, shardings and jitted functions of a run, shared by all its stages.
+
+  `train_step` and `eval_step` are ahead-of-time compiled (`compile_steps`): a stage that
+  changed a shape or a sharding would fail loudly instead of recompiling silently.
+  """
   model: Any
   tx: optax.GradientTransformation
   replicated: NamedSharding
   batch_sharding: NamedSharding
-  init: Any
+  init: Any  # key -> variables, replicated
+  opt_init: Any  # params -> optimizer state, replicated
   train_step: Any
   eval_step: Any
   apply_for_moments: Any
+  holds_zeros: bool
+  compiled_train_step: Any = None
+  compiled_eval_step: Any = None
 
 
-def _build_runtime(config, num_classes: int, image_shape) -> _Runtime:
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+def rarely_run_jit(fun, **kwargs):
+  """`jax.jit` for functions run a few times per run (init, stage switches): on CPU, XLA's
+  backend optimizations cost seconds of compile time (5 s for an init) and save nothing."""
+  if jax.default_backend() == "cpu":
+    kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
+  return jax.jit(fun, **kwargs)
+
+
+def build_runtime(config, num_classes: int, image_shape, *, holds_zeros: bool = False) -> Runtime:
+  """Mesh, shardings, model, optimizer and the jitted init/train/eval functions."""
+  mesh = jax.make_mesh((num_devices(config),), ("data",),
+                       devices=jax.devices()[:num_devices(config)])
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = create_model(config, num_classes)
   tx = make_optimizer(config)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  init = jax.jit(lambda key: model.init(key, dummy, train=False), out_shardings=replicated)
+  init = rarely_run_jit(lambda key: model.init(key, dummy, train=False),
+                        out_shardings=replicated)
   train_step = jax.jit(
       make_train_step(model, tx, num_classes=num_classes,
-                      label_smoothing=config.label_smoothing),
+                      label_smoothing=config.label_smoothing, holds_zeros=holds_zeros),
       in_shardings=(replicated, batch_sharding, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, num_classes=num_classes),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  apply_for_moments = jax.jit(model.apply, static_argnames=("train", "mutable"))
-  return _Runtime(model, tx, replicated, batch_sharding, init, train_step, eval_step,
-                  apply_for_moments)
+  apply_for_moments = rarely_run_jit(model.apply, static_argnames=("train", "mutable"))
+  opt_init = rarely_run_jit(tx.init, out_shardings=replicated)
+  return Runtime(model, tx, replicated, batch_sharding, init, opt_init, train_step, eval_step,
+                 apply_for_moments, holds_zeros)
+
+
+def compile_steps(runtime: Runtime, state: TrainState, train_batch, eval_batch) -> dict:
+  """Compiles the train and eval steps for these shapes; returns seconds and FLOPs per step."""
+  start = time.perf_counter()
+  lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=runtime.replicated)
+  runtime.compiled_train_step = runtime.train_step.lower(state, train_batch, lr).compile()
+  runtime.compiled_eval_step = runtime.eval_step.lower(state.variables, eval_batch).compile()
+  return {"compile_s": time.perf_counter() - start,
+          "train_step_flops": _flops(runtime.compiled_train_step)}
+
+
+def _flops(compiled) -> float:
+  """FLOPs of one call of a compiled function, from XLA's cost analysis (NaN if unknown)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
 
 
 def _global_batch(batch, sharding):
@@ -201,16 +293,27 @@ def _global_batch(batch, sharding):
                       batch)
 
 
-def evaluate(runtime: _Runtime, variables, dataset) -> dict[str, float]:
+def _abstract_batch(dataset, sharding, process_count: int):
+  """Global shapes of a host-local batch of `dataset`, for ahead-of-time compilation."""
+  def spec(x):
+    return jax.ShapeDtypeStruct((x.shape[0] * process_count, *x.shape[1:]),
+                                x.dtype.as_numpy_dtype, sharding=sharding)
+  return jax.tree.map(spec, dataset.element_spec)
+
+
+def evaluate(runtime: Runtime, variables, dataset) -> dict[str, float]:
   """Accuracy and mean loss over every example of `dataset` (padded batches with a mask)."""
   totals = None
   for batch in dataset.as_numpy_iterator():
-    sums = runtime.eval_step(variables, _global_batch(batch, runtime.batch_sharding))
+    sums = runtime.compiled_eval_step(variables, _global_batch(batch, runtime.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
   return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
           "examples": int(count)}
+
+
+# ---------------------------------------------------------------- workdir and checkpoints
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:
@@ -220,117 +323,306 @@ def _write_json_atomically(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def claim_workdir(config, workdir: str) -> None:
+  """Records the config in `workdir`, or checks it equals the one recorded there.
+
+  Raises:
+    ConfigError: the workdir holds a run with a different config (names the differing fields);
+      nothing in it is touched.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(json.dumps(config.to_dict()))
+  if os.path.exists(path):
+    with open(path) as f:
+      recorded = json.load(f)
+    a, b = _flat(recorded), _flat(current)
+    differing = sorted(k for k in set(a) | set(b)
+                       if a.get(k) != b.get(k) and k not in _BOOKKEEPING_FIELDS)
+    if differing:
+      raise ConfigError(f"workdir={workdir!r} holds a run with a different config (fields: "
+                        f"{', '.join(differing)}); accepted: the same config to resume it, or "
+                        "another workdir")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_json_atomically(path, current)
+
+
+def _checkpoint_manager(workdir: str):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+
+
+def _save_checkpoint(manager, state: TrainState, progress: dict) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager.save(int(progress["global_step"]), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+
+
+def _restore_latest(manager, abstract_state):
+  """(state, progress) of the newest checkpoint that restores, or None; warns on bad ones."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+      return restored.state, restored.progress
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one",
+                      step, str(e).splitlines()[0] if str(e) else type(e).__name__)
+  return None
+
+
+def _save_variables(workdir: str, name: str, variables) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(workdir), VARIABLES_DIR, name)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, variables, force=True)
+  checkpointer.wait_until_finished()
+
+
+# ---------------------------------------------------------------- the run
+
+
 def _load_data(config):
   """Dataset info and tf.data pipelines; data problems become one-line ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
   try:
     info = data_lib.dataset_info(config)
-    train_ds, steps_per_epoch = data_lib.train_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count())
-    calibration_ds, _ = data_lib.train_dataset(
-        config, process_index=jax.process_index(), process_count=jax.process_count())
-    test_ds = data_lib.eval_dataset(config, split=config.test_split)
-    train_eval_ds = data_lib.eval_train_dataset(config)
+    train_ds, steps_per_epoch = data_lib.train_dataset(config, **shard)
+    calibration_ds, _ = data_lib.train_dataset(config, **shard)
+    test_ds = data_lib.eval_dataset(config, split=config.test_split, **shard)
+    train_eval_ds = data_lib.eval_train_dataset(config, **shard)
   except ValueError as e:
     raise ConfigError(str(e).splitlines()[0]) from e
   return info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds
 
 
+def _run_keys(seed: int):
+  """Keys of a run: initialization, the fresh draws of stage switches, the methods' own."""
+  init_key, fresh_key, method_key = jax.random.split(jax.random.key(seed), 3)
+  return init_key, fresh_key, method_key
+
+
+def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: TrainState | None,
+                 variables, calibration_iter, keys) -> TrainState:
+  """The state at the start of stage k: the switch, calibration and the optimizer policy."""
+  _, fresh_key, method_key = keys
+  if k == 0:
+    memory = rarely_run_jit(plan.begin)(variables, method_key)
+    return jax.device_put(TrainState(jnp.zeros((), jnp.int32), variables,
+                                     runtime.opt_init(variables["params"]), memory),
+                          runtime.replicated)
+  fresh = runtime.init(jax.random.fold_in(fresh_key, k))
+  switch = rarely_run_jit(plan.switch, static_argnums=0)
+  switched = switch(k, state.variables, fresh, state.memory, jax.random.fold_in(method_key, k))
+  variables = switched.variables
+  unit = plan.calibrate_unit(k)
+  if unit is not None:
+    batches = [jnp.asarray(next(calibration_iter)["image"])
+               for _ in range(config.lw.calibration_batches)]
+    variables = methods.calibrate_standardization(runtime.apply_for_moments, variables, batches,
+                                                  unit)
+  if config.reset_optimizer == "fresh":
+    opt_state = runtime.opt_init(variables["params"])
+  else:
+    opt_state = rarely_run_jit(transforms.reset_opt_state)(state.opt_state, switched.touched)
+  return jax.device_put(TrainState(state.step, variables, opt_state, switched.memory),
+                        runtime.replicated)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs `config.method` on `config.dataset` and writes `workdir/results.json`.
 
+  Started again with the same config and workdir, it resumes from the newest readable
+  checkpoint and ends with the same results as an unbroken run (`resumed_from` lists the steps
+  restored); a finished run returns its results.
+
   Args:
     config: a `configs/benchmark.py` config.
-    workdir: where results, logs and TensorBoard summaries go (created if missing).
+    workdir: results, config, checkpoints, TensorBoard summaries (created if missing).
 
   Returns:
     The results dict written to `results.json`.
 
   Raises:
-    ConfigError: bad config values or data that is not available (one-line message); nothing
-      is written to `workdir` before the config and the data have been checked.
+    ConfigError: bad config values, data that is not available, or a workdir that holds another
+      config (one-line message); nothing in `workdir` is written or changed before these checks.
+    TrainingDiverged: a non-finite training loss; the last good checkpoint stays.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   validate_config(config)
+  results_path = os.path.join(workdir, RESULTS_FILE)
   info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds = _load_data(config)
-  runtime = _build_runtime(config, info.num_classes, info.image_shape)
-  key = jax.random.key(config.seed)
-  init_key, reinit_key = jax.random.split(key)
+  keys = _run_keys(config.seed)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-  units = tree_lib.layer_order(runtime.model, init_key, dummy, train=False)
-  plan = methods.make_plan(config, units)
+  units = tree_lib.layer_order(create_model(config, info.num_classes), keys[0], dummy,
+                               train=False)
+  try:
+    plan = methods.make_plan(config, units)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  claim_workdir(config, workdir)
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      logging.info("%s is finished; returning its results", workdir)
+      return json.load(f)
 
-  os.makedirs(workdir, exist_ok=True)
+  runtime = build_runtime(config, info.num_classes, info.image_shape,
+                          holds_zeros=plan.holds_zeros)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  manager = _checkpoint_manager(workdir)
+  learning_rates = stage_learning_rates(config, plan, steps_per_epoch)
+  total_steps = sum(len(lrs) for lrs in learning_rates)
   logging.info("%s on %s with %s: %d stages, units %s, %d train examples, %d steps/epoch",
                plan.name, config.dataset, config.model, plan.num_stages, units,
                info.train_examples, steps_per_epoch)
 
-  variables = runtime.init(init_key)
-  memory = plan.begin(variables)
-  switch = jax.jit(plan.switch, static_argnums=0, donate_argnums=1)
-  train_iter = train_ds.as_numpy_iterator()
-  calibration_iter = calibration_ds.as_numpy_iterator()
-  state = None
-  stage_results = []
-  for k in range(plan.num_stages):
-    if k > 0:
-      fresh = runtime.init(jax.random.fold_in(reinit_key, k))
-      variables = switch(k, state.variables, fresh, memory)
-      unit = plan.calibrate_unit(k)
-      if unit is not None:
-        # One long-lived iterator: a new iterator per stage would reshuffle nondeterministically.
-        batches = [jnp.asarray(next(calibration_iter)["image"])
-                   for _ in range(config.lw.calibration_batches)]
-        variables = methods.calibrate_standardization(
-            runtime.apply_for_moments, variables, batches, unit)
-    step = jnp.zeros((), jnp.int32) if state is None else state.step
-    state = jax.device_put(
-        TrainState(step, variables, runtime.tx.init(variables["params"])), runtime.replicated)
-    steps = plan.epochs[k] * steps_per_epoch
-    learning_rates = stage_learning_rates(config, peak=plan.learning_rates[k], steps=steps,
-                                          steps_per_epoch=steps_per_epoch)
-    window = []
-    for i in range(steps):
+  # Stage 0's state; its shapes are those of every stage, so it also serves to compile.
+  initial = runtime.init(keys[0])
+  state = _stage_start(runtime, plan, config, 0, None, initial, None, keys)
+  timing = compile_steps(runtime, state,
+                         _abstract_batch(train_ds, runtime.batch_sharding, jax.process_count()),
+                         _abstract_batch(test_ds, runtime.batch_sharding, jax.process_count()))
+  progress = {"stage": 0, "step_in_stage": 0, "global_step": 0, "calibrations": 0,
+              "stage_results": [], "resumed_from": [], "train_s": 0.0, "eval_s": 0.0}
+  restored = _restore_latest(manager, jax.eval_shape(lambda: state))
+  if restored is not None:
+    state, progress = restored
+    state = jax.device_put(state, runtime.replicated)
+    progress["resumed_from"] = progress["resumed_from"] + [progress["global_step"]]
+    logging.info("resumed from step %d (stage %d)", progress["global_step"], progress["stage"])
+  elif is_chief:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+    _save_variables(workdir, "init", state.variables)
+
+  # The data streams are pure functions of the config: skipping what was consumed restores them.
+  train_iter = train_ds.skip(progress["global_step"]).as_numpy_iterator()
+  calibration_iter = calibration_ds.skip(
+      progress["calibrations"] * config.lw.calibration_batches).as_numpy_iterator()
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  average = clu_metrics.Average
+  checkpoint_every = config.checkpoint_every_steps
+
+  for k in range(progress["stage"], plan.num_stages):
+    if progress["step_in_stage"] == 0 and k > 0:
+      state = _stage_start(runtime, plan, config, k, state, None, calibration_iter, keys)
+      progress["calibrations"] += int(plan.calibrate_unit(k) is not None)
+    lrs = learning_rates[k]
+    window = {}
+    train_start = time.perf_counter()
+    for i in range(progress["step_in_stage"], len(lrs)):
       batch = _global_batch(next(train_iter), runtime.batch_sharding)
-      state, metrics = runtime.train_step(state, batch, learning_rates[i])
-      window.append(metrics)
-      if (i + 1) % config.log_every_steps == 0 or i + 1 == steps:
-        means = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(window))
-        writer.write_scalars(int(state.step), {f"train/{n}": v for n, v in means.items()}
-                             | {"train/learning_rate": float(learning_rates[i]), "stage": k})
+      state, metrics = runtime.compiled_train_step(state, batch, lrs[i])
+      window = {n: average.from_model_output(v).merge(window[n]) if n in window
+                else average.from_model_output(v) for n, v in metrics.items()}
+      step = progress["global_step"] + 1
+      report(step)
+      at_log = (i + 1) % config.log_every_steps == 0 or i + 1 == len(lrs)
+      at_checkpoint = checkpoint_every > 0 and step % checkpoint_every == 0 and i + 1 < len(lrs)
+      if at_log or at_checkpoint:
+        means = {n: float(m.compute()) for n, m in window.items()}
         if not np.isfinite(means["loss"]):
-          raise FloatingPointError(f"non-finite training loss at stage {k}, step {i + 1}")
-        window = []
-    test = evaluate(runtime, state.variables, test_ds)
-    train = evaluate(runtime, state.variables, train_eval_ds)
-    writer.write_scalars(int(state.step), {"test/accuracy": test["accuracy"],
-                                           "test/loss": test["loss"],
-                                           "train_eval/accuracy": train["accuracy"],
-                                           "train_eval/loss": train["loss"]})
-    stage_results.append({"stage": k, "epochs": plan.epochs[k], "steps": steps,
-                          "train_accuracy": train["accuracy"], "train_loss": train["loss"],
-                          "test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+          raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the "
+                                 f"stage (global step {step}); the last good checkpoint stays "
+                                 f"in {workdir}/{CHECKPOINT_DIR}")
+        if at_log:
+          writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
+                               | {"train/learning_rate": float(lrs[i]), "stage": k})
+          window = {}
+      progress.update(step_in_stage=i + 1, global_step=step)
+      if at_checkpoint:
+        _save_checkpoint(manager, state, progress)
+    progress["train_s"] += time.perf_counter() - train_start
+
+    eval_start = time.perf_counter()
+    with report.timed("eval"):
+      test = evaluate(runtime, state.variables, test_ds)
+      train = evaluate(runtime, state.variables, train_eval_ds)
+    progress["eval_s"] += time.perf_counter() - eval_start
+    writer.write_scalars(progress["global_step"], {
+        "test/accuracy": test["accuracy"], "test/loss": test["loss"],
+        "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
+    progress["stage_results"].append({
+        "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
+        "learning_rate": plan.learning_rates[k],
+        "train_accuracy": train["accuracy"], "train_loss": train["loss"],
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "test_examples": test["examples"]})
     logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
                  plan.num_stages, train["accuracy"], test["accuracy"])
+    progress.update(stage=k + 1, step_in_stage=0)
+    _save_checkpoint(manager, state, progress)
+  manager.wait_until_finished()
   writer.flush()
 
+  stages = progress["stage_results"]
   results = {
       "dataset": config.dataset, "model": config.model, "method": config.method,
       "seed": config.seed, "train_examples": info.train_examples,
-      "test_examples": test["examples"], "num_classes": info.num_classes, "units": units,
-      "stages": stage_results, "test_accuracy": stage_results[-1]["test_accuracy"],
-      "train_accuracy": stage_results[-1]["train_accuracy"],
-      "total_epochs": int(sum(plan.epochs)), "devices": jax.device_count(),
-      # Stages change values, never programs: each step should compile exactly once.
-      "compilations": {"train_step": runtime.train_step._cache_size(),  # pylint: disable=protected-access
-                       "eval_step": runtime.eval_step._cache_size()},  # pylint: disable=protected-access
+      "test_examples": stages[-1]["test_examples"], "num_classes": info.num_classes,
+      "units": units, "stages": stages, "test_accuracy": stages[-1]["test_accuracy"],
+      "train_accuracy": stages[-1]["train_accuracy"],
+      "total_epochs": int(sum(plan.epochs)), "devices": num_devices(config),
+      "compute": {
+          "total_epochs": int(sum(plan.epochs)), "train_steps": total_steps,
+          "examples_seen": total_steps * config.batch_size,
+          "train_step_flops": timing["train_step_flops"],
+          "train_flops": timing["train_step_flops"] * total_steps,
+      },
+      "time_s": {"compile": timing["compile_s"], "train": progress["train_s"],
+                 "eval": progress["eval_s"]},
+      "resumed_from": progress["resumed_from"],
       "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
   }
   if is_chief:
-    _write_json_atomically(os.path.join(workdir, RESULTS_FILE), results)
+    _save_variables(workdir, "final", state.variables)
+    _write_json_atomically(results_path, results)
   return results
 
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+  """A finished run read back from its workdir: what the analyses need."""
+  config: Any  # ml_collections.ConfigDict
+  results: dict
+  model: Any  # the linen module
+  init_variables: PyTree
+  final_variables: PyTree
+
+
+def load_run(workdir: str) -> FinishedRun:
+  """Reads `results.json` and the init/final variables a finished run wrote to `workdir`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"workdir={workdir!r} holds no finished run ({RESULTS_FILE} is missing)")
+  with open(path) as f:
+    results = json.load(f)
+  config = ml_collections.ConfigDict(results["config"])
+  model = create_model(config, results["num_classes"])
+  checkpointer = ocp.StandardCheckpointer()
+  root = os.path.join(os.path.abspath(workdir), VARIABLES_DIR)
+  init_variables = checkpointer.restore(os.path.join(root, "init"))
+  final_variables = checkpointer.restore(os.path.join(root, "final"))
+  return FinishedRun(config, results, model, init_variables, final_variables)
