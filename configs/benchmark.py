@@ -154,7 +154,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       calibration_batches=4,    # training batches for the standardization statistics
   ))
   config.llf = ml_collections.ConfigDict(dict(
-      reset_from=-3,            # first reset unit: name or index (-3: last two blocks + head)
+      reset_from="-3",          # first reset unit: a name, or an index (-3: last two blocks + head)
       reset_batch_stats=True,
   ))
   config.ke = ml_collections.ConfigDict(dict(

@@ -7,6 +7,12 @@ import sys
 # Before jax is imported anywhere: TF (used by the input pipeline) must not grab accelerators'
 # memory, and its C++ logs drown the run's own.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Runs of a sweep compile the same programs (one train step per model and shape): JAX's
+# persistent compilation cache makes every compile after the first a file read. Set the
+# variable to another folder, or to an empty string to turn the cache off.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "reinit", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def fail(message: str, *, status: int = 2):
