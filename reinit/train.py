@@ -371,6 +371,11 @@ def _save_checkpoint(manager, state: TrainState, progress: dict) -> None:
       state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
 
+def _abstract(tree):
+  """Shapes, dtypes and shardings of a tree of arrays: what orbax restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def _restore_latest(manager, abstract_state):
   """(state, progress) of the newest checkpoint that restores, or None; warns on bad ones."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -380,8 +385,17 @@ def _restore_latest(manager, abstract_state):
           state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
       return restored.state, restored.progress
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("checkpoint at step %d is unreadable (%s); trying the previous one",
-                      step, str(e).splitlines()[0] if str(e) else type(e).__name__)
+      # Moved aside, not deleted: training will write this step again, and the bad files may
+      # matter to whoever investigates.
+      aside = os.path.join(os.path.dirname(str(manager.directory)), "corrupt_checkpoints")
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        os.replace(os.path.join(str(manager.directory), str(step)),
+                   os.path.join(aside, f"{step}-{int(time.time())}"))
+      manager.reload()
+      logging.warning("checkpoint at step %d is unreadable (%s); moved to %s, trying the "
+                      "previous one", step,
+                      str(e).splitlines()[0] if str(e) else type(e).__name__, aside)
   return None
 
 
@@ -503,7 +517,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          _abstract_batch(test_ds, runtime.batch_sharding, jax.process_count()))
   progress = {"stage": 0, "step_in_stage": 0, "global_step": 0, "calibrations": 0,
               "stage_results": [], "resumed_from": [], "train_s": 0.0, "eval_s": 0.0}
-  restored = _restore_latest(manager, jax.eval_shape(lambda: state))
+  restored = _restore_latest(manager, _abstract(state))
   if restored is not None:
     state, progress = restored
     state = jax.device_put(state, runtime.replicated)
