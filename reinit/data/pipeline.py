@@ -7,14 +7,21 @@ locally from scikit-learn on first use, any other TFDS dataset must already be
 prepared in `config.data_dir` (`tfds build NAME --data_dir=DIR`).
 
 Config fields read (optional ones with their default):
-  dataset: TFDS name (`digits`, `cifar10`, `eurosat/rgb`, ...).
+  dataset: TFDS name (`digits`, `cifar10`, `eurosat/rgb`, ...), or
+    `folder:ROOT` for a folder of images per class, ROOT/SPLIT/CLASS/*.png|jpg
+    (read through `tfds.folder_dataset.ImageFolder`, whole splits only, no
+    `data_dir`; needs `image_size`).
+  tfds_name (None): TFDS name to read when `dataset` is a benchmark key.
   data_dir (None): TFDS data dir; None = TFDS's default.
   train_split ('train'), test_split ('test'): TFDS split strings, passed straight
     to TFDS, so `train[:80%]` or `train+validation` work.
   train_examples (None): size of the class-balanced training subset; None or -1
     = the whole split.
   train_fraction (None): alternative to `train_examples`, a fraction of the split.
-  subset_seed (None): seed of the subset choice; None = `seed`.
+  subset_seed (None): seed of the subset choice and of the label noise;
+    None = `seed`.
+  label_noise (0): fraction in [0, 1) of the training subset whose label is
+    replaced by a different class drawn uniformly (seeded by `subset_seed`).
   image_size (None): int or (H, W) to resize to; None = native size.
   augment ('none'): 'none', 'crop' or 'crop_flip'.
   pad_mode ('reflect'): 'reflect' or 'zero', the padding before a random crop.
@@ -23,7 +30,10 @@ Config fields read (optional ones with their default):
   eval_batch_size (batch_size): global evaluation batch size.
 
 Images come out float32 (B, H, W, C), scaled to [0, 1] then normalized as
-`(x - 0.5) / 0.25`; labels int32 (B,).
+`(x - 0.5) / 0.25`; labels int32 (B,) (the noisy label when `label_noise` > 0).
+Evaluation batches (test and train subset alike, so that one compiled eval step
+serves both) also carry `mask`, `true_label` int32 (B,) and `corrupted` float32
+(B,), 1 where the label was replaced by label noise.
 
 This module never imports jax. It hides GPUs from TensorFlow at import so that
 TF leaves accelerator memory to JAX.
@@ -62,6 +72,10 @@ PAD_MODES = {'reflect': 'REFLECT', 'zero': 'CONSTANT'}
 MAX_CROP_PAD = 4
 _MEAN, _STD = 0.5, 0.25
 _LOCAL_DATASETS = ('digits',)
+FOLDER_PREFIX = 'folder:'
+# Second entropy word of the label-noise generator: a stream independent of the
+# subset choice, which uses the bare seed.
+_NOISE_STREAM = 1
 
 
 class DatasetNotPreparedError(ValueError):
@@ -77,12 +91,14 @@ class DatasetInfo:
     image_shape: (H, W, C) of the images the pipelines yield (after resizing).
     train_examples: size of the chosen training subset.
     test_examples: size of the test split.
+    corrupted_examples: training examples whose label `label_noise` replaced.
   """
 
   num_classes: int
   image_shape: tuple[int, int, int]
   train_examples: int
   test_examples: int
+  corrupted_examples: int = 0
 
 
 # ---------------------------------------------------------------------------
@@ -104,8 +120,11 @@ def get_builder(
 
   Raises:
     DatasetNotPreparedError: the dataset is not prepared in `data_dir`.
-    ValueError: TFDS knows no dataset of that name.
+    ValueError: TFDS knows no dataset of that name, or a `folder:` root holds
+      no SPLIT/CLASS/image files.
   """
+  if dataset.startswith(FOLDER_PREFIX):
+    return _folder_builder(dataset[len(FOLDER_PREFIX):])
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
@@ -127,6 +146,27 @@ def get_builder(
       f'never downloaded here; prepare it with: '
       f'tfds build {dataset} --data_dir={root}'
   )
+
+
+def _folder_builder(root: str) -> tfds.folder_dataset.ImageFolder:
+  """`ImageFolder` over ROOT/SPLIT/CLASS/*.png|jpg; classes: sorted CLASS names."""
+  accepted = 'folder:ROOT with ROOT/SPLIT/CLASS/*.png|jpg'
+  if not root or not tf.io.gfile.isdir(root):
+    raise ValueError(
+        f'dataset={FOLDER_PREFIX + root!r}: {root!r} is not a directory; '
+        f'accepted: {accepted}'
+    )
+  builder = tfds.folder_dataset.ImageFolder(root)
+  if not builder.info.splits or not builder.info.features['label'].num_classes:
+    raise ValueError(
+        f'dataset={FOLDER_PREFIX + root!r} holds no images in SPLIT/CLASS '
+        f'folders; accepted: {accepted}'
+    )
+  return builder
+
+
+def _is_folder(builder: tfds.core.DatasetBuilder) -> bool:
+  return isinstance(builder, tfds.folder_dataset.ImageFolder)
 
 
 def _tfds_is_mocked() -> bool:
@@ -163,6 +203,12 @@ def _num_classes(builder: tfds.core.DatasetBuilder) -> int:
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
   """Number of examples `as_dataset(split)` yields (sub-splits understood)."""
+  if _is_folder(builder) and split not in builder.info.splits:
+    # ImageFolder has no sub-split API: name the field's accepted values.
+    raise ValueError(
+        f'split {split!r} is not a folder of {builder.data_dir!r}; accepted '
+        f'(train_split, test_split): {", ".join(builder.info.splits)}'
+    )
   # The dataset's cardinality is what will actually be read; under
   # `tfds.testing.mock_data` it differs from the recorded split sizes.
   cardinality = int(builder.as_dataset(split=split).cardinality())
@@ -246,10 +292,29 @@ def _image_shape(
   native = builder.info.features[_supervised_keys(builder)[0]].shape
   height, width = size if size is not None else native[:2]
   if height is None or width is None:
+    name = builder.name
+    if _is_folder(builder):
+      name = FOLDER_PREFIX + builder.data_dir
     raise ValueError(
-        f'{builder.name!r} images have no fixed size {native}: set image_size.'
+        f'image_size=None is invalid for {name!r}, whose images have no fixed '
+        f'size {tuple(native)}; accepted: an int or (height, width)'
     )
   return int(height), int(width), int(native[-1])
+
+
+def _label_noise(config: ml_collections.ConfigDict) -> float:
+  noise = _optional(config, 'label_noise', 0.0)
+  is_number = isinstance(noise, (int, float)) and not isinstance(noise, bool)
+  if not is_number or not 0 <= noise < 1:
+    raise ValueError(
+        f'label_noise={noise!r} is invalid; accepted: a float in [0, 1)'
+    )
+  return float(noise)
+
+
+def num_corrupted(train_examples: int, label_noise: float) -> int:
+  """Number of training labels that `label_noise` replaces: round(noise * n)."""
+  return int(round(label_noise * train_examples))
 
 
 def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -262,17 +327,20 @@ def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
     A `DatasetInfo`; `image_shape` is (H, W, C) after resizing and
     `train_examples` the size of the chosen training subset.
   """
+  label_noise = _label_noise(config)
   builder = _builder_for(config)
   num_classes = _num_classes(builder)
   split_size = _split_size(builder, _train_split(config))
   requested = _requested_train_examples(config, split_size)
   if requested is not None and requested != split_size:
     _check_train_examples(requested, num_classes=num_classes, upper=split_size)
+  train_examples = split_size if requested is None else requested
   return DatasetInfo(
       num_classes=num_classes,
       image_shape=_image_shape(builder, _target_size(config)),
-      train_examples=split_size if requested is None else requested,
+      train_examples=train_examples,
       test_examples=_split_size(builder, _test_split(config)),
+      corrupted_examples=num_corrupted(train_examples, label_noise),
   )
 
 
@@ -338,6 +406,53 @@ def train_subset_indices(
   return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def corrupt_labels(
+    labels: np.ndarray,
+    subset: np.ndarray,
+    *,
+    num_classes: int,
+    label_noise: float,
+    seed: int,
+) -> np.ndarray:
+  """The split's labels after label noise on a seeded fraction of the subset.
+
+  `num_corrupted(len(subset), label_noise)` examples of `subset` get the label
+  `(y + s) % num_classes` with s uniform in 1..num_classes-1, i.e. a class drawn
+  uniformly from the other classes. The permutation that picks them and the
+  shifts are drawn for the whole subset before `label_noise` is looked at, so
+  the result depends only on (labels, subset, num_classes, seed, label_noise),
+  never on the method, and a larger `label_noise` corrupts a superset of the
+  examples (with the same new labels) that a smaller one does.
+
+  Args:
+    labels: int (N,) true class of each example of the split, in split order.
+    subset: int (n,) indices into `labels` of the training subset.
+    num_classes: number of classes; labels lie in 0..num_classes-1.
+    label_noise: fraction in [0, 1) of the subset to corrupt.
+    seed: seed of the choice (the subset seed).
+
+  Returns:
+    int64 (N,) labels: equal to `labels` except at the corrupted indices.
+  """
+  labels = np.asarray(labels, dtype=np.int64)
+  subset = np.asarray(subset, dtype=np.int64)
+  noisy = labels.copy()
+  count = num_corrupted(len(subset), label_noise)
+  if count == 0:
+    return noisy
+  if num_classes < 2:
+    raise ValueError(
+        f'label_noise={label_noise} is invalid with num_classes={num_classes}; '
+        'accepted: 0 (no other class to draw from)'
+    )
+  rng = np.random.default_rng([seed, _NOISE_STREAM])
+  order = rng.permutation(len(subset))
+  shifts = rng.integers(1, num_classes, size=len(subset))
+  chosen = order[:count]
+  noisy[subset[chosen]] = (labels[subset[chosen]] + shifts[chosen]) % num_classes
+  return noisy
+
+
 def _read_undecoded(
     builder: tfds.core.DatasetBuilder, split: str
 ) -> tf.data.Dataset:
@@ -348,15 +463,20 @@ def _read_undecoded(
   even depend on which features are decoded).
   """
   image_key, label_key = _supervised_keys(builder)
+  # Decode the image after filtering, so that dropped examples cost nothing.
+  skip_image = {image_key: tfds.decode.SkipDecoding()}
+  if _is_folder(builder):
+    # ImageFolder decodes with the plain decoders dict, not PartialDecoding.
+    decoders = skip_image
+  else:
+    # Parse only image and label (some datasets carry masks or boxes).
+    decoders = tfds.decode.PartialDecoding(
+        {image_key: True, label_key: True}, decoders=skip_image
+    )
   return builder.as_dataset(
       split=split,
       shuffle_files=False,
-      # Parse only image and label (some datasets carry masks or boxes) and
-      # decode the image after filtering, so dropped examples cost nothing.
-      decoders=tfds.decode.PartialDecoding(
-          {image_key: True, label_key: True},
-          decoders={image_key: tfds.decode.SkipDecoding()},
-      ),
+      decoders=decoders,
       read_config=_read_config(),
   )
 
@@ -371,16 +491,30 @@ def _read_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
 
 def _subset(
     config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
-) -> tuple[np.ndarray, int]:
-  """Sorted indices int64 (n,) of the configured training subset, split size."""
+) -> tuple[np.ndarray, np.ndarray]:
+  """The configured training subset and the labels it trains on.
+
+  Returns:
+    `(subset, noisy_labels)`: sorted indices int64 (n,) into the train split,
+    and int64 (N,) labels of the whole split after `label_noise`.
+  """
+  label_noise = _label_noise(config)
   labels = _read_labels(builder, _train_split(config))
+  num_classes = _num_classes(builder)
   subset = train_subset_indices(
       labels,
       train_examples=_requested_train_examples(config, len(labels)),
-      num_classes=_num_classes(builder),
+      num_classes=num_classes,
       seed=_subset_seed(config),
   )
-  return subset, len(labels)
+  noisy_labels = corrupt_labels(
+      labels,
+      subset,
+      num_classes=num_classes,
+      label_noise=label_noise,
+      seed=_subset_seed(config),
+  )
+  return subset, noisy_labels
 
 
 # ---------------------------------------------------------------------------
@@ -404,28 +538,41 @@ def _read_examples(
     *,
     keep: np.ndarray | None,
     size: tuple[int, int] | None,
+    noisy_labels: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-  """Decoded `{'image': uint8 (H, W, C), 'label': int32 ()}` in split order.
+  """Decoded examples of `split` in split order.
 
   Args:
     builder: a prepared builder.
     split: TFDS split string.
     keep: bool (N,) which examples of the split to keep; None = all.
     size: (H, W) to resize to; None = native.
+    noisy_labels: int (N,) label to train on for each example of the split
+      (see `corrupt_labels`); None = the true labels.
+
+  Returns:
+    Dataset of `{'image': uint8 (H, W, C), 'label': int32 (), 'true_label':
+    int32 (), 'corrupted': float32 ()}`; `corrupted` is 1 where `label` differs
+    from `true_label`.
   """
   image_key, label_key = _supervised_keys(builder)
-  ds = _read_undecoded(builder, split)
+  ds = _read_undecoded(builder, split).enumerate()
   if keep is not None:
     keep = tf.constant(keep, dtype=tf.bool)
-    ds = ds.enumerate().filter(lambda i, ex: tf.gather(keep, i))
-    ds = ds.map(lambda i, ex: ex)
+    ds = ds.filter(lambda i, ex: tf.gather(keep, i))
+  if noisy_labels is not None:
+    noisy_labels = tf.constant(noisy_labels, dtype=tf.int32)
   image_feature = builder.info.features[image_key]
 
-  def decode(ex):
+  def decode(index, ex):
     image = image_feature.decode_example(ex[image_key])
+    true_label = tf.cast(ex[label_key], tf.int32)
+    label = true_label if noisy_labels is None else tf.gather(noisy_labels, index)
     return {
         'image': _resize(image, size),
-        'label': tf.cast(ex[label_key], tf.int32),
+        'label': label,
+        'true_label': true_label,
+        'corrupted': tf.cast(label != true_label, tf.float32),
     }
 
   return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
@@ -513,20 +660,25 @@ def train_dataset(
 
   Returns:
     `(dataset, steps_per_epoch)`: dataset of `{'image': float32 (B, H, W, C),
-    'label': int32 (B,)}` with B = batch_size // process_count, never ending;
-    steps_per_epoch = max(1, ceil(subset size / batch_size)).
+    'label': int32 (B,)}` with B = batch_size // process_count, never ending
+    (labels after `label_noise`); steps_per_epoch = max(1, ceil(subset size /
+    batch_size)).
   """
   augment = _check_augment(_optional(config, 'augment', 'none'))
   pad_mode = _optional(config, 'pad_mode', 'reflect')
   local_batch = _per_process(config.batch_size, process_count, 'batch_size')
   builder = _builder_for(config)
   split = _train_split(config)
-  subset, split_size = _subset(config, builder)
+  subset, noisy_labels = _subset(config, builder)
   shard = subset[process_index::process_count]
-  keep = _shard_mask(split_size, shard)
+  keep = _shard_mask(len(noisy_labels), shard)
 
-  ds = _read_examples(builder, split, keep=keep, size=_target_size(config))
-  ds = ds.cache()
+  ds = _read_examples(
+      builder, split, keep=keep, size=_target_size(config),
+      noisy_labels=noisy_labels,
+  )
+  # Training needs only image and label: cache no more than that.
+  ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']}).cache()
   # Shuffle before repeat: each epoch is a full fresh permutation of the slice.
   ds = ds.shuffle(
       max(1, len(shard)), seed=config.seed, reshuffle_each_iteration=True
@@ -560,12 +712,15 @@ def _padded_batches(
 ) -> tf.data.Dataset:
   """Batches all `num_examples` elements, padding to `num_batches` full batches.
 
-  Padding elements have a zero image, label 0 and mask 0; real ones mask 1.
+  Padding elements have a zero image, labels 0, corrupted 0 and mask 0; real
+  ones mask 1.
   """
   ds = ds.map(lambda ex: {**ex, 'mask': tf.constant(1.0, tf.float32)})
   padding = tf.data.Dataset.from_tensors({
       'image': tf.zeros(image_shape, tf.float32),
       'label': tf.constant(0, tf.int32),
+      'true_label': tf.constant(0, tf.int32),
+      'corrupted': tf.constant(0.0, tf.float32),
       'mask': tf.constant(0.0, tf.float32),
   }).repeat(num_batches * batch_size - num_examples)
   return ds.concatenate(padding).batch(batch_size, drop_remainder=True)
@@ -580,6 +735,7 @@ def _eval_pipeline(
     split_size: int,
     process_index: int,
     process_count: int,
+    noisy_labels: np.ndarray | None = None,
 ) -> tf.data.Dataset:
   """Masked eval batches over `indices` of `split`, sharded over processes."""
   global_batch = _eval_batch_size(config)
@@ -591,8 +747,10 @@ def _eval_pipeline(
   keep = None
   if len(shard) != split_size:
     keep = _shard_mask(split_size, shard)
-  ds = _read_examples(builder, split, keep=keep, size=size).cache()
-  ds = ds.map(lambda ex: {'image': normalize(ex['image']), 'label': ex['label']})
+  ds = _read_examples(
+      builder, split, keep=keep, size=size, noisy_labels=noisy_labels
+  ).cache()
+  ds = ds.map(lambda ex: {**ex, 'image': normalize(ex['image'])})
   ds = _padded_batches(
       ds,
       num_examples=len(shard),
@@ -620,8 +778,12 @@ def eval_dataset(
 
   Returns:
     Finite dataset of `{'image': float32 (B, H, W, C), 'label': int32 (B,),
-    'mask': float32 (B,)}` with B = eval_batch_size // process_count; the last
-    batches are padded (mask 0) so every example counts exactly once.
+    'mask': float32 (B,), 'true_label': int32 (B,), 'corrupted': float32 (B,)}`
+    with B = eval_batch_size // process_count; the last batches are padded
+    (mask 0) so every example counts exactly once. Here `true_label` equals
+    `label` and `corrupted` is 0: the fields exist so that eval batches of the
+    test split and of the training subset share one structure (one compiled
+    eval step).
   """
   builder = _builder_for(config)
   split_size = _split_size(builder, split)
@@ -645,17 +807,21 @@ def eval_train_dataset(
   """The chosen training subset once, unaugmented, in masked batches.
 
   Same batches and fields as `eval_dataset`, over the examples that
-  `train_dataset` trains on (for train accuracy).
+  `train_dataset` trains on (for train accuracy), in split order. `label` is
+  the label trained on (after `label_noise`), `true_label` the dataset's label
+  and `corrupted` 1 where they differ, so that memorization of the corrupted
+  labels can be measured.
   """
   builder = _builder_for(config)
   split = _train_split(config)
-  subset, split_size = _subset(config, builder)
+  subset, noisy_labels = _subset(config, builder)
   return _eval_pipeline(
       config,
       builder,
       split,
       indices=subset,
-      split_size=split_size,
+      split_size=len(noisy_labels),
       process_index=process_index,
       process_count=process_count,
+      noisy_labels=noisy_labels,
   )
