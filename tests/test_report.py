@@ -1,0 +1,255 @@
+"""Tests of the report: Holm and the binomial test against hand-computed values, Tables 2 and 3
+on a synthetic tree of results.json files with known numbers, the analysis table, the figures
+and the command line."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from reinit import report
+
+# ------------------------------------------------------------------ statistics
+
+
+@pytest.mark.parametrize("p, adjusted", [
+    ([0.01, 0.04, 0.03], [0.03, 0.06, 0.06]),  # 3 * .01; 2 * .03; max(1 * .04, .06)
+    ([0.04, 0.01], [0.04, 0.02]),              # 2 * .01 first; then max(.04, .02)
+    ([0.6, 0.7], [1.0, 1.0]),                  # capped at 1, then kept monotone
+    ([0.005, 0.011, 0.02, 0.04, 0.13], [0.025, 0.044, 0.06, 0.08, 0.13]),
+    ([0.3], [0.3]),
+    ([], []),
+])
+def test_holm_by_hand(p, adjusted):
+  np.testing.assert_allclose(report.holm(p), adjusted, rtol=1e-12)
+
+
+def test_sign_test_known_values():
+  assert report.sign_test(9, 1) == pytest.approx(0.021484375, rel=1e-12)  # 2 * 11 / 1024
+  assert report.sign_test(1, 9) == pytest.approx(0.021484375, rel=1e-12)
+  assert report.sign_test(3, 0) == pytest.approx(0.25)                     # 2 / 8
+  assert report.sign_test(5, 5) == 1.0
+  assert report.sign_test(0, 0) == 1.0
+  for wins, losses in [(12, 3), (7, 2), (20, 14)]:
+    assert report.sign_test(wins, losses) == pytest.approx(
+        stats.binomtest(wins, wins + losses, 0.5).pvalue)
+
+
+def test_compare_counts_ties_and_skips_missing():
+  out = report.compare([0.9, 0.8, 0.7, np.nan], [0.8, 0.8, 0.75, 0.5])
+  assert (out["combos"], out["wins"], out["losses"], out["ties"]) == (3, 1, 1, 1)
+  assert out["p_value"] == 1.0
+  assert out["mean_gain"] == pytest.approx((0.1 + 0.0 - 0.05) / 3)
+
+
+def test_standard_error():
+  assert report.standard_error([0.80, 0.82, 0.84]) == pytest.approx(0.02 / math.sqrt(3))
+  assert math.isnan(report.standard_error([0.5]))
+
+
+# ------------------------------------------------------------------ a synthetic results tree
+
+# (dataset, model, train_examples) -> method -> test accuracy per seed
+ACCURACIES = {
+    ("digits", "simple_cnn", 200): {"baseline": [0.80, 0.82, 0.84], "lw": [0.86, 0.88, 0.90],
+                                    "baseline_long": [0.83]},
+    ("cifar10", "resnet18", 1000): {"baseline": [0.60, 0.62], "lw": [0.65, 0.66],
+                                    "baseline_long": [0.61, 0.63]},
+    ("cifar10", "resnet18", 5000): {"baseline": [0.90, 0.92], "lw": [0.90, 0.92]},
+}
+EPOCHS = {"baseline": 30, "baseline_long": 210, "lw": 210}
+
+
+def _write_run(root, dataset, model, size, method, seed, accuracy, config=None, **extra):
+  config = {"dataset": dataset, "seed": seed, **(config or {})}
+  run_dir = os.path.join(root, f"{dataset}_{model}_{size}_{config.get('label_noise', 0)}",
+                         f"{method}_s{seed}")
+  os.makedirs(run_dir)
+  results = {"dataset": dataset, "model": model, "method": method, "seed": seed,
+             "train_examples": size, "test_accuracy": accuracy, "train_accuracy": 1.0,
+             "total_epochs": EPOCHS[method], "wall_time_s": 10.0, "stages": [],
+             "config": config, **extra}
+  with open(os.path.join(run_dir, "results.json"), "w") as f:
+    json.dump(results, f)
+  return run_dir
+
+
+def _analysis(margin, sum_frobenius, increases, eigenvalue):
+  return {"margins": {"train": {"median": margin}, "train_normalized": {"median": margin / 100}},
+          "norms": {"log10_product_spectral": 2.0, "sum_frobenius": sum_frobenius},
+          "flatness": {"noise_scales": [0.01, 0.1], "mean": increases},
+          "hessian": {"eigenvalue": eigenvalue}, "memorization": None}
+
+
+@pytest.fixture(scope="module")
+def results_tree(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("runs"))
+  for (dataset, model, size), methods in ACCURACIES.items():
+    for method, accuracies in methods.items():
+      for seed, accuracy in enumerate(accuracies):
+        extra = {"compute": {"train_flops": 1e12}} if method == "lw" and seed == 0 else {}
+        run_dir = _write_run(root, dataset, model, size, method, seed, accuracy, **extra)
+        if dataset == "digits" and method in ("baseline", "lw") and seed < 2:
+          margin = {"baseline": 2.0, "lw": 5.0}[method] + seed  # means 2.5 and 5.5
+          with open(os.path.join(run_dir, "analysis.json"), "w") as f:
+            json.dump(_analysis(margin, 50.0 + seed, [0.01 * (seed + 1), 0.5], 100.0), f)
+  broken = os.path.join(root, "broken")
+  os.makedirs(broken)
+  with open(os.path.join(broken, "results.json"), "w") as f:
+    f.write("{not json")
+  return root
+
+
+@pytest.fixture(scope="module")
+def built(results_tree, tmp_path_factory):
+  return report.build_report(results_tree, str(tmp_path_factory.mktemp("report")))
+
+
+def test_runs_are_read_and_broken_files_skipped(built):
+  runs = built["runs"]
+  assert len(runs) == sum(len(a) for m in ACCURACIES.values() for a in m.values())
+  assert runs["train_flops"].notna().sum() == 3  # the lw seed-0 runs; NaN elsewhere
+
+
+def test_table2_means_sems_and_counts(built):
+  table = built["table2"].set_index(report.KEYS)
+  assert list(table.columns[:3]) == ["baseline_mean", "baseline_sem", "baseline_n"]
+  methods = [c[:-5] for c in table.columns if c.endswith("_mean")]
+  assert methods == ["baseline", "baseline_long", "lw"]
+  for key, by_method in ACCURACIES.items():
+    for method, accuracies in by_method.items():
+      row = table.loc[key]
+      assert row[f"{method}_mean"] == pytest.approx(np.mean(accuracies))
+      assert row[f"{method}_n"] == len(accuracies)
+      if len(accuracies) > 1:
+        expected = np.std(accuracies, ddof=1) / np.sqrt(len(accuracies))
+        assert row[f"{method}_sem"] == pytest.approx(expected)
+      else:
+        assert np.isnan(row[f"{method}_sem"])
+  assert np.isnan(table.loc[("cifar10", "resnet18", 5000), "baseline_long_mean"])
+
+
+def test_table2_markdown_bolds_the_best_mean(built):
+  lines = {line.split(" | ")[0].strip("| ") + line.split(" | ")[2]: line
+           for line in built["markdown"]["table2"].splitlines() if line.startswith("| ")}
+  digits = lines["digits200"]
+  sem = 100 * 0.02 / math.sqrt(3)
+  assert f"| 82.00 ± {sem:.2f} |" in digits  # baseline, not bold
+  assert "| 83.00 |" in digits              # one seed: no ±
+  assert f"**88.00 ± {sem:.2f}**" in digits  # lw, the best
+  tie = lines["cifar105000"]
+  assert tie.count("**91.00 ± 1.00**") == 2  # a tie for best: both bold
+  assert "–" in tie                          # baseline_long missing there
+  with open(built["files"]["table2.md"]) as f:
+    assert built["markdown"]["table2"] in f.read()
+
+
+def test_table3_wins_losses_ties_and_holm(built):
+  table = built["table3"].set_index(["reference", "method"])
+  lw = table.loc[("baseline", "lw")]
+  assert (lw.combos, lw.wins, lw.losses, lw.ties) == (3, 2, 0, 1)
+  assert lw.p_value == pytest.approx(0.5)
+  long_vs_base = table.loc[("baseline", "baseline_long")]
+  assert (long_vs_base.combos, long_vs_base.wins, long_vs_base.losses) == (2, 2, 0)
+  assert lw.p_holm == pytest.approx(1.0) and long_vs_base.p_holm == pytest.approx(1.0)
+  lw_long = table.loc[("baseline_long", "lw")]
+  assert (lw_long.combos, lw_long.wins, lw_long.p_holm) == (2, 2, pytest.approx(0.5))
+  assert ("baseline_long", "baseline") not in table.index
+  assert lw.mean_gain == pytest.approx(((0.88 - 0.82) + (0.655 - 0.61) + 0.0) / 3)
+
+
+def test_table3_nine_wins_one_loss(tmp_path):
+  for i in range(10):
+    size = 100 * (i + 1)
+    _write_run(tmp_path, "digits", "simple_cnn", size, "baseline", 0, 0.5)
+    _write_run(tmp_path, "digits", "simple_cnn", size, "lw", 0, 0.6 if i < 9 else 0.4)
+    _write_run(tmp_path, "digits", "simple_cnn", size, "baseline_long", 0,
+               0.55 if i % 2 else 0.45)
+  runs = report.load_runs(str(tmp_path))
+  table = report.table3(runs).set_index(["reference", "method"])
+  lw = table.loc[("baseline", "lw")]
+  assert (lw.wins, lw.losses, lw.ties) == (9, 1, 0)
+  assert lw.p_value == pytest.approx(0.021484375, rel=1e-12)
+  # Holm over {lw: 0.0215, baseline_long: 1.0}: 2 * 0.0215, then max(1.0, 0.043).
+  assert lw.p_holm == pytest.approx(2 * 0.021484375) and lw.significant
+  assert table.loc[("baseline", "baseline_long")].p_holm == 1.0
+
+
+def test_analysis_table_means_over_seeds(built):
+  table = built["analysis"].set_index(report.KEYS + ["method"])
+  lw = table.loc[("digits", "simple_cnn", 200, "lw")]
+  assert lw["runs"] == 2 and lw["median_margin"] == pytest.approx(5.5)
+  assert table.loc[("digits", "simple_cnn", 200, "baseline"), "median_margin"] == 2.5
+  assert lw["sum_frobenius"] == pytest.approx(50.5)
+  assert lw["loss_increase@0.01"] == pytest.approx(0.015)
+  assert "median normalized margin" in built["markdown"]["analysis"]
+  assert "memorized" not in built["markdown"]["analysis"]  # no label-noise run: column dropped
+
+
+def test_figures_are_written(built):
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  for name in ("gain_vs_size.png", "per_dataset.png", "compute_vs_accuracy.png"):
+    path = built["files"][name]
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert height > 300 and width > 500
+
+
+def test_gains_by_size(built):
+  gains = report.gains_by_size(built["runs"]).set_index(["method", "train_examples"])
+  assert gains.loc[("lw", 200), "gain"] == pytest.approx(0.06)
+  assert gains.loc[("lw", 5000), "gain"] == pytest.approx(0.0)
+  assert gains.loc[("baseline_long", 1000), "gain"] == pytest.approx(0.01)
+
+
+def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
+  for noise, accuracies in ((0.0, (0.9, 0.8)), (0.2, (0.7, 0.6))):
+    for seed in range(2):
+      for method, accuracy in zip(("baseline", "lw"), accuracies):
+        _write_run(tmp_path, "digits", "simple_cnn", 200, method, seed, accuracy + 0.01 * seed,
+                   config={"label_noise": noise, "lw": {"rescale": True}})
+  built = report.build_report(str(tmp_path))
+  assert "differ in config" not in capsys.readouterr().err
+  table = built["table2"].set_index(report.KEYS + ["label_noise"])
+  assert table.loc[("digits", "simple_cnn", 200, 0.2), "lw_mean"] == pytest.approx(0.605)
+  assert table.loc[("digits", "simple_cnn", 200, 0.0), "baseline_n"] == 2
+  assert "| label noise |" in built["markdown"]["table2"]
+  assert built["table3"].set_index("method").loc["lw", "combos"] == 2
+  assert "per_dataset.png" in built["files"]
+
+  _write_run(tmp_path / "more", "digits", "simple_cnn", 200, "lw", 5, 0.5,
+             config={"label_noise": 0.2, "lw": {"rescale": False}})
+  report.load_runs(str(tmp_path))
+  err = capsys.readouterr().err
+  assert "differ in config fields lw.rescale" in err
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_cli_prints_tables_and_figures(results_tree, tmp_path, capsys):
+  assert report.main([results_tree, "--out", str(tmp_path / "out")]) == 0
+  out = capsys.readouterr()
+  assert "## Table 2" in out.out and "## Table 3" in out.out
+  assert out.out.count("figure: ") == 3
+  assert "warning: skipped" in out.err and "broken" in out.err
+  assert (tmp_path / "out" / "table3.csv").exists()
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path / "missing")])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: DIR=") and "accepted" in err[0]
+  assert report.main([str(tmp_path)]) == 2  # a directory without results
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no readable results.json" in err[0]
+  with pytest.raises(SystemExit) as exit_info:
+    report.main([str(tmp_path), "--bogus"])
+  assert exit_info.value.code == 2
+  assert len(capsys.readouterr().err.strip().splitlines()) == 1
