@@ -22,16 +22,28 @@ from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: FILE.py:ARGS.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results and summaries.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (TPU pods, "
+    "Slurm; see launch/tpu_pod.sh and launch/slurm_gpu.sh).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   results = common.run_or_exit(_CONFIG.value, _WORKDIR.value)
   logging.info("test accuracy %.4f", results["test_accuracy"])
-  print(f"{results['method']}: test accuracy {results['test_accuracy']:.4f} "
-        f"(train {results['train_accuracy']:.4f}) -> {_WORKDIR.value}/results.json")
+  if jax_process_index() == 0:
+      print(f"{results['method']}: test accuracy {results['test_accuracy']:.4f} "
+          f"(train {results['train_accuracy']:.4f}) -> {_WORKDIR.value}/results.json")
+
+
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
 
 
 if __name__ == "__main__":

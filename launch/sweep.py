@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 _ARG_KEYS = ("dataset", "model", "method")
 
 
-def _load_module(path: str):
+def load_module(path: str):
   spec = importlib.util.spec_from_file_location("sweep_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -56,7 +56,7 @@ def _merged_arg(arg: str | None, run: dict) -> str:
 
 def runs_of(config_path: str, arg: str | None, cli_overrides: dict) -> list[tuple[str, object]]:
   """(name, run, config) of every run of the sweep, with the command-line overrides applied."""
-  module = _load_module(config_path)
+  module = load_module(config_path)
   if not hasattr(module, "get_sweep"):
     common.fail(f"config {config_path} defines no get_sweep(arg); accepted: a config file with "
                 "a sweep, e.g. configs/digits.py")
@@ -87,30 +87,46 @@ def summary_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str, *,
+              dry_run: bool = False) -> list[tuple[str, dict, dict]]:
+  """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one.
+
+  Returns (name, run, results) of every finished run, those finished earlier included.
+  """
   from reinit import train  # pylint: disable=g-import-not-at-top
-  config_path, arg = _split_config_flag(config_flags.get_config_filename(flags.FLAGS["config"]))
-  cli_overrides = config_flags.get_override_values(flags.FLAGS["config"])
   finished = []
   for name, run, config in runs_of(config_path, arg, cli_overrides):
-    workdir = os.path.join(_WORKDIR.value, name)
-    if _DRY_RUN.value:
+    workdir = os.path.join(root, name)
+    if dry_run:
       print(_command(config_path, arg, run, cli_overrides, workdir))
       continue
     results_path = os.path.join(workdir, train.RESULTS_FILE)
     if os.path.exists(results_path):
       print(f"{name}: finished earlier, skipped", flush=True)
       with open(results_path) as f:
-        finished.append((name, json.load(f)))
+        finished.append((name, run, json.load(f)))
       continue
     print(f"{name}: running ...", flush=True)
     results = common.run_or_exit(config, workdir)
-    print(f"{name}: test accuracy {results['test_accuracy']:.4f}", flush=True)
-    finished.append((name, results))
+    print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
+          f"({results['wall_time_s']:.0f} s)", flush=True)
+    finished.append((name, run, results))
+  return finished
+
+
+def config_flag_parts() -> tuple[str, str | None, dict]:
+  """(config file, its argument, the --config.FIELD overrides) of the --config flag."""
+  path, arg = _split_config_flag(config_flags.get_config_filename(flags.FLAGS["config"]))
+  return path, arg, config_flags.get_override_values(flags.FLAGS["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config_path, arg, cli_overrides = config_flag_parts()
+  finished = run_sweep(config_path, arg, cli_overrides, _WORKDIR.value, dry_run=_DRY_RUN.value)
   if finished:
-    print(summary_table(finished))
+    print(summary_table([(name, results) for name, _, results in finished]))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def _reset_mask(variables: PyTree, layers: Sequence[str], reset_batch_stats: boo
 
 def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units: Sequence[str],
               rescale: bool = True, reset_batch_stats: bool = True,
-              rescale_zero_init: bool = False) -> PyTree:
+              rescale_zero_init: bool = False, keep_standardizations: bool = False) -> PyTree:
   """LW's transform before stage k: keep units[:k] rescaled, reinitialize units[k:].
 
   Args:
@@ -142,10 +142,12 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
     reset_batch_stats: reinitialize the running BatchNorm statistics of units[k:] too.
     rescale_zero_init: also rescale leaves whose init norm is zero (BatchNorm biases), which
       sets them to zero; by default they keep their trained values.
+    keep_standardizations: leave the standardizations switched on at earlier stages on (with
+      their statistics); by default every one is switched off.
 
   Returns:
-    The variables for stage k, with every standardization switched off (the trainer switches on
-    the one at the output of units[k-1] once it has statistics, see `calibrate_standardization`).
+    The variables for stage k (the trainer then switches on the standardization at the output
+    of units[k-1] once it has statistics, see `calibrate_standardization`).
   """
   out = transforms.reinitialize(variables, fresh,
                                 _reset_mask(variables, units[k:], reset_batch_stats))
@@ -157,7 +159,7 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
       rescaled = jax.tree.map(lambda new, old, norm: jnp.where(norm > _ZERO_NORM, new, old),
                               rescaled, out["params"], memory["init_norms"])
     out = {**out, "params": rescaled}
-  return deactivate_standardizations(out)
+  return out if keep_standardizations else deactivate_standardizations(out)
 
 
 def calibrate_standardization(apply_fn: Callable[..., Any], variables: PyTree,
@@ -315,7 +317,8 @@ def make_plan(config, units: Sequence[str]) -> Plan:
       del rng
       out = lw_switch(k, variables, fresh, memory, units=units, rescale=rescale,
                       reset_batch_stats=bool(lw.reset_batch_stats),
-                      rescale_zero_init=bool(lw.rescale_zero_init))
+                      rescale_zero_init=bool(lw.rescale_zero_init),
+                      keep_standardizations=bool(lw.keep_standardizations))
       return Switched(out, memory, tree_lib.select(variables["params"], layers=units[k:]))
 
     return repeated(begin=lambda variables, rng: {"init_norms": init_norms(variables)},

@@ -201,15 +201,26 @@ def make_train_step(model, tx, *, num_classes: int, label_smoothing: float,
 
 
 def make_eval_step(model, *, num_classes: int):
-  """`(variables, batch) -> sums`; batch has image, label and mask (1 real, 0 padding)."""
+  """`(variables, batch) -> sums` over the real examples of a padded batch.
+
+  The batch has image, label and mask (1 real, 0 padding), and may carry `true_label` and
+  `corrupted` (label noise): then the sums also count corrupted examples predicted as their
+  (wrong) training label, i.e. memorized, and clean examples predicted right.
+  """
   def eval_step(variables, batch):
     logits = model.apply(variables, batch["image"], train=False)
     targets = jax.nn.one_hot(batch["label"], num_classes)
     losses = optax.softmax_cross_entropy(logits, targets)
     correct = jnp.argmax(logits, -1) == batch["label"]
     mask = batch["mask"]
-    return {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
+    sums = {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
             "count": jnp.sum(mask)}
+    if "corrupted" in batch:
+      corrupted = batch["corrupted"] * mask
+      sums |= {"corrupted": jnp.sum(corrupted),
+               "memorized": jnp.sum(correct * corrupted),
+               "clean_correct": jnp.sum(correct * (mask - corrupted))}
+    return sums
   return eval_step
 
 
@@ -309,18 +320,37 @@ def evaluate(runtime: Runtime, variables, dataset) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
-  return {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
-          "examples": int(count)}
+  out = {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
+         "examples": int(count)}
+  corrupted = float(totals.get("corrupted", 0.0))
+  if corrupted:
+    out |= {"memorized": float(totals["memorized"]) / corrupted,
+            "clean_accuracy": float(totals["clean_correct"]) / (count - corrupted)}
+  return out
 
 
 # ---------------------------------------------------------------- workdir and checkpoints
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def _path(workdir: str, *parts: str):
+  """`workdir/parts...` as an `etils.epath.Path`: local folders and gs:// alike."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(workdir).joinpath(*parts)
+
+
+def _absolute(workdir: str) -> str:
+  """Orbax wants absolute paths; URLs (gs://...) already are."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
+
+
+def _write_json_atomically(path, payload: dict) -> None:
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
+def _read_json(path) -> dict:
+  return json.loads(path.read_text())
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -340,11 +370,10 @@ def claim_workdir(config, workdir: str) -> None:
     ConfigError: the workdir holds a run with a different config (names the differing fields);
       nothing in it is touched.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = _path(workdir, CONFIG_FILE)
   current = json.loads(json.dumps(config.to_dict()))
-  if os.path.exists(path):
-    with open(path) as f:
-      recorded = json.load(f)
+  if path.exists():
+    recorded = _read_json(path)
     a, b = _flat(recorded), _flat(current)
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in _BOOKKEEPING_FIELDS)
@@ -353,7 +382,7 @@ def claim_workdir(config, workdir: str) -> None:
                         f"{', '.join(differing)}); accepted: the same config to resume it, or "
                         "another workdir")
     return
-  os.makedirs(workdir, exist_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     _write_json_atomically(path, current)
 
@@ -361,7 +390,7 @@ def claim_workdir(config, workdir: str) -> None:
 def _checkpoint_manager(workdir: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      os.path.join(_absolute(workdir), CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
 
 
@@ -387,11 +416,11 @@ def _restore_latest(manager, abstract_state):
     except Exception as e:  # pylint: disable=broad-except
       # Moved aside, not deleted: training will write this step again, and the bad files may
       # matter to whoever investigates.
-      aside = os.path.join(os.path.dirname(str(manager.directory)), "corrupt_checkpoints")
+      directory = _path(str(manager.directory))
+      aside = directory.parent / "corrupt_checkpoints"
       if jax.process_index() == 0:
-        os.makedirs(aside, exist_ok=True)
-        os.replace(os.path.join(str(manager.directory), str(step)),
-                   os.path.join(aside, f"{step}-{int(time.time())}"))
+        aside.mkdir(parents=True, exist_ok=True)
+        (directory / str(step)).rename(aside / f"{step}-{int(time.time())}")
       manager.reload()
       logging.warning("checkpoint at step %d is unreadable (%s); moved to %s, trying the "
                       "previous one", step,
@@ -400,8 +429,9 @@ def _restore_latest(manager, abstract_state):
 
 
 def _save_variables(workdir: str, name: str, variables) -> None:
+  """Writes `variables` to WORKDIR/variables/NAME; every process takes part (orbax syncs)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.abspath(workdir), VARIABLES_DIR, name)
+  path = os.path.join(_absolute(workdir), VARIABLES_DIR, name)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, variables, force=True)
   checkpointer.wait_until_finished()
@@ -482,7 +512,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   validate_config(config)
-  results_path = os.path.join(workdir, RESULTS_FILE)
+  results_path = _path(workdir, RESULTS_FILE)
   info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds = _load_data(config)
   keys = _run_keys(config.seed)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
@@ -493,10 +523,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   claim_workdir(config, workdir)
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      logging.info("%s is finished; returning its results", workdir)
-      return json.load(f)
+  if results_path.exists():
+    logging.info("%s is finished; returning its results", workdir)
+    return _read_json(results_path)
 
   runtime = build_runtime(config, info.num_classes, info.image_shape,
                           holds_zeros=plan.holds_zeros)
@@ -523,7 +552,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = jax.device_put(state, runtime.replicated)
     progress["resumed_from"] = progress["resumed_from"] + [progress["global_step"]]
     logging.info("resumed from step %d (stage %d)", progress["global_step"], progress["stage"])
-  elif is_chief:
+  else:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
     _save_variables(workdir, "init", state.variables)
@@ -537,56 +566,63 @@ def train_and_evaluate(config, workdir: str) -> dict:
   average = clu_metrics.Average
   checkpoint_every = config.checkpoint_every_steps
 
-  for k in range(progress["stage"], plan.num_stages):
-    if progress["step_in_stage"] == 0 and k > 0:
-      state = _stage_start(runtime, plan, config, k, state, None, calibration_iter, keys)
-      progress["calibrations"] += int(plan.calibrate_unit(k) is not None)
-    lrs = learning_rates[k]
-    window = {}
-    train_start = time.perf_counter()
-    for i in range(progress["step_in_stage"], len(lrs)):
-      batch = _global_batch(next(train_iter), runtime.batch_sharding)
-      state, metrics = runtime.compiled_train_step(state, batch, lrs[i])
-      window = {n: average.from_model_output(v).merge(window[n]) if n in window
-                else average.from_model_output(v) for n, v in metrics.items()}
-      step = progress["global_step"] + 1
-      report(step)
-      at_log = (i + 1) % config.log_every_steps == 0 or i + 1 == len(lrs)
-      at_checkpoint = checkpoint_every > 0 and step % checkpoint_every == 0 and i + 1 < len(lrs)
-      if at_log or at_checkpoint:
-        means = {n: float(m.compute()) for n, m in window.items()}
-        if not np.isfinite(means["loss"]):
-          raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the "
-                                 f"stage (global step {step}); the last good checkpoint stays "
-                                 f"in {workdir}/{CHECKPOINT_DIR}")
-        if at_log:
-          writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
-                               | {"train/learning_rate": float(lrs[i]), "stage": k})
-          window = {}
-      progress.update(step_in_stage=i + 1, global_step=step)
-      if at_checkpoint:
-        _save_checkpoint(manager, state, progress)
-    progress["train_s"] += time.perf_counter() - train_start
+  try:
+    for k in range(progress["stage"], plan.num_stages):
+      if progress["step_in_stage"] == 0 and k > 0:
+        state = _stage_start(runtime, plan, config, k, state, None, calibration_iter, keys)
+        progress["calibrations"] += int(plan.calibrate_unit(k) is not None)
+      lrs = learning_rates[k]
+      window = {}
+      train_start = time.perf_counter()
+      for i in range(progress["step_in_stage"], len(lrs)):
+        batch = _global_batch(next(train_iter), runtime.batch_sharding)
+        state, metrics = runtime.compiled_train_step(state, batch, lrs[i])
+        window = {n: average.from_model_output(v).merge(window[n]) if n in window
+                  else average.from_model_output(v) for n, v in metrics.items()}
+        step = progress["global_step"] + 1
+        report(step)
+        at_log = (i + 1) % config.log_every_steps == 0 or i + 1 == len(lrs)
+        at_checkpoint = checkpoint_every > 0 and step % checkpoint_every == 0 and i + 1 < len(lrs)
+        if at_log or at_checkpoint:
+          means = {n: float(m.compute()) for n, m in window.items()}
+          if not np.isfinite(means["loss"]):
+            raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the "
+                                   f"stage (global step {step}); the last good checkpoint stays "
+                                   f"in {workdir}/{CHECKPOINT_DIR}")
+          if at_log:
+            writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
+                                 | {"train/learning_rate": float(lrs[i]), "stage": k})
+            window = {}
+        progress.update(step_in_stage=i + 1, global_step=step)
+        if at_checkpoint:
+          _save_checkpoint(manager, state, progress)
+      progress["train_s"] += time.perf_counter() - train_start
 
-    eval_start = time.perf_counter()
-    with report.timed("eval"):
-      test = evaluate(runtime, state.variables, test_ds)
-      train = evaluate(runtime, state.variables, train_eval_ds)
-    progress["eval_s"] += time.perf_counter() - eval_start
-    writer.write_scalars(progress["global_step"], {
-        "test/accuracy": test["accuracy"], "test/loss": test["loss"],
-        "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
-    progress["stage_results"].append({
-        "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
-        "learning_rate": plan.learning_rates[k],
-        "train_accuracy": train["accuracy"], "train_loss": train["loss"],
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-        "test_examples": test["examples"]})
-    logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
-                 plan.num_stages, train["accuracy"], test["accuracy"])
-    progress.update(stage=k + 1, step_in_stage=0)
-    _save_checkpoint(manager, state, progress)
-  manager.wait_until_finished()
+      eval_start = time.perf_counter()
+      with report.timed("eval"):
+        test = evaluate(runtime, state.variables, test_ds)
+        train = evaluate(runtime, state.variables, train_eval_ds)
+      progress["eval_s"] += time.perf_counter() - eval_start
+      writer.write_scalars(progress["global_step"], {
+          "test/accuracy": test["accuracy"], "test/loss": test["loss"],
+          "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
+      progress["stage_results"].append({
+          "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
+          "learning_rate": plan.learning_rates[k],
+          "train_accuracy": train["accuracy"], "train_loss": train["loss"],
+          "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+          "test_examples": test["examples"],
+        # Under label noise: the fraction of corrupted training examples fitted to their wrong
+        # label, and the accuracy on the clean ones.
+        **{f"train_{k}": train[k] for k in ("memorized", "clean_accuracy") if k in train}})
+      logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
+                   plan.num_stages, train["accuracy"], test["accuracy"])
+      progress.update(stage=k + 1, step_in_stage=0)
+      _save_checkpoint(manager, state, progress)
+  finally:
+    # Also on errors and interrupts: an in-flight asynchronous save is completed, not left
+    # half-written.
+    manager.wait_until_finished()
   writer.flush()
 
   stages = progress["stage_results"]
@@ -608,8 +644,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "resumed_from": progress["resumed_from"],
       "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
   }
+  _save_variables(workdir, "final", state.variables)
   if is_chief:
-    _save_variables(workdir, "final", state.variables)
     _write_json_atomically(results_path, results)
   return results
 
@@ -628,15 +664,14 @@ def load_run(workdir: str) -> FinishedRun:
   """Reads `results.json` and the init/final variables a finished run wrote to `workdir`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
+  path = _path(workdir, RESULTS_FILE)
+  if not path.exists():
     raise ConfigError(f"workdir={workdir!r} holds no finished run ({RESULTS_FILE} is missing)")
-  with open(path) as f:
-    results = json.load(f)
+  results = _read_json(path)
   config = ml_collections.ConfigDict(results["config"])
   model = create_model(config, results["num_classes"])
   checkpointer = ocp.StandardCheckpointer()
-  root = os.path.join(os.path.abspath(workdir), VARIABLES_DIR)
+  root = os.path.join(_absolute(workdir), VARIABLES_DIR)
   init_variables = checkpointer.restore(os.path.join(root, "init"))
   final_variables = checkpointer.restore(os.path.join(root, "final"))
   return FinishedRun(config, results, model, init_variables, final_variables)

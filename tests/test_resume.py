@@ -83,14 +83,15 @@ def test_corrupt_latest_checkpoint_falls_back(data_dir, unbroken, tmp_path, monk
     with pytest.raises(Preempted):
       train.train_and_evaluate(_config(data_dir), workdir)
   checkpoints = os.path.join(workdir, train.CHECKPOINT_DIR)
-  latest = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
-  assert latest == 12
+  steps = sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+  assert steps == [8, 9, 12]  # max_to_keep=3
+  latest, previous = steps[-1], steps[-2]
   for root, _, files in os.walk(os.path.join(checkpoints, str(latest), "state")):
     for name in files:  # truncate every array file: a half-written checkpoint
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(7)
   resumed = train.train_and_evaluate(_config(data_dir), workdir)
-  assert resumed["resumed_from"] == [9]
+  assert resumed["resumed_from"] == [previous]
   assert any("unreadable" in r.getMessage() for r in caplog.records)
   assert _comparable(resumed) == _comparable(unbroken)
 

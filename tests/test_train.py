@@ -198,3 +198,13 @@ def test_cli_user_errors_are_one_line(tmp_path, data_dir, args, words):
   for word in words:
     assert word in errors[0], errors[0]
   assert not workdir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_lw_keep_standardizations(lw_setup, keep):
+  _, _, init, units, trained, fresh = lw_setup
+  on = jax.tree.map(lambda x: x, trained)
+  on["norm"]["block0"]["Standardize_0"]["active"] = jnp.ones(())
+  out = methods.lw_switch(2, on, fresh, {"init_norms": methods.init_norms(init)}, units=units,
+                          keep_standardizations=keep)
+  assert float(out["norm"]["block0"]["Standardize_0"]["active"]) == (1.0 if keep else 0.0)

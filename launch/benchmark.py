@@ -1,0 +1,435 @@
+r"""Speed of one model on this machine: train and eval steps, stage switches, recompiles.
+
+  python -m launch.benchmark --model=simple_cnn --batch_size=128 --image_size=32 \
+    [--dataset=digits] [--method=lw] [--width=1.0] [--compute_dtype=float32|bfloat16] \
+    [--steps=10] [--repeats=3]
+
+Uses the trainer's own pieces (`reinit.train.build_runtime`, the ahead-of-time compiled steps
+of `compile_steps`, the stage switch `_stage_start`) and reports, after a warm-up, medians over
+`--repeats`:
+  train_step_ms, train_images_per_s  `--steps` train steps on a device-resident batch;
+  eval_images_per_s                  the same for the eval step;
+  reinit_transform_ms                one whole stage switch of `--method` (fresh init, switch,
+                                     standardization calibration, optimizer reset) until ready,
+                                     stages 1..3 in turn;
+  input_pipeline_ratio               with --dataset only: images/s of the train step fed by
+                                     `reinit.data.train_dataset` over images/s fed from device;
+  stage_switch_recompiles            compilations of the jitted train and eval steps caused by
+                                     three consecutive stage switches of every method of
+                                     `reinit.methods.METHODS` (JAX compile events and the
+                                     steps' jit cache sizes; 0 is the contract). The AOT
+                                     compiled steps must also accept every switched state.
+plus peak_memory_mb, train_flops_per_image (XLA cost analysis), mfu (on an accelerator of known
+peak; null on CPU) and imported_tf. Progress goes to stderr; the LAST stdout line is one JSON
+object. Without --dataset the data are synthetic and device-resident and neither TensorFlow,
+TFDS nor clu is imported (`"imported_tf": false`). XLA flags come from `XLA_FLAGS`.
+Minutes for resnet18 on 2 CPU cores; `--check_methods=none` skips the recompile check.
+"""
+
+import itertools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from launch import common  # pylint: disable=g-bad-import-order  # sets the env before jax
+
+from absl import app
+from absl import flags
+import jax
+from jax._src import dispatch
+import jax.numpy as jnp
+import numpy as np
+
+from configs import benchmark as benchmark_configs
+from reinit import methods
+from reinit import models
+from reinit import train
+from reinit import tree as tree_lib
+
+_MODEL = flags.DEFINE_enum("model", "simple_cnn", sorted(models.MODELS), "Architecture.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global train and eval batch size.",
+                                   lower_bound=1)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Image side in pixels; default 32, or the dataset config's size.",
+    lower_bound=1)
+_DATASET = flags.DEFINE_string(
+    "dataset", None, "Also time the train step fed by this dataset's tf.data pipeline.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir of --dataset.")
+_METHOD = flags.DEFINE_enum("method", "lw", methods.METHODS, "Method whose switch is timed.")
+_WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of the model.", lower_bound=0)
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                                   "Activation dtype (params stay float32).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed repeat.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; medians are reported.",
+                                lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes of the synthetic data.",
+                                    lower_bound=2)
+_CHECK_METHODS = flags.DEFINE_list(
+    "check_methods", None, "Methods whose stage switches are checked for recompiles; "
+    "default: all of reinit.methods.METHODS; 'none': none.")
+
+_SWITCHES = 3  # stage switches 1..3 are timed and checked
+_WARMUP_STEPS = 2
+# Dense peak FLOP/s per chip, by a lower-case substring of the device kind and the compute
+# dtype. float32 convs and matmuls run as TF32 on NVIDIA GPUs at JAX's default precision.
+_PEAK_FLOPS = {
+    "h100": {"bfloat16": 989e12, "float32": 494e12},
+    "h200": {"bfloat16": 989e12, "float32": 494e12},
+    "a100": {"bfloat16": 312e12, "float32": 156e12},
+    "v100": {"bfloat16": 125e12, "float32": 15.7e12},
+    "tpu v4": {"bfloat16": 275e12, "float32": 275e12},
+    "tpu v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "tpu v5": {"bfloat16": 459e12, "float32": 459e12},
+    "tpu v6": {"bfloat16": 918e12, "float32": 918e12},
+}
+_HEAVY_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def make_config(method: str):
+  """The trainer's benchmark config with this benchmark's flags applied; ConfigError if bad."""
+  try:
+    config = benchmark_configs.get_config(
+        f"dataset={_DATASET.value or 'digits'},model={_MODEL.value},method={method}")
+  except ValueError as e:  # a dataset name with ',' or '=' in it
+    raise train.ConfigError(common.one_line(e)) from e
+  config.batch_size = config.eval_batch_size = _BATCH_SIZE.value
+  config.width = _WIDTH.value
+  config.compute_dtype = _COMPUTE_DTYPE.value
+  if _IMAGE_SIZE.value is not None or not _DATASET.value:
+    config.image_size = _IMAGE_SIZE.value or 32
+  if _DATA_DIR.value:
+    config.data_dir = _DATA_DIR.value
+  train.validate_config(config)
+  return config
+
+
+def data_spec(config):
+  """(image_shape, num_classes, one host batch of the pipeline or None) of the data timed.
+
+  The data package (TensorFlow, TFDS) is imported only for a real dataset."""
+  if not _DATASET.value:
+    return (config.image_size, config.image_size, 3), _NUM_CLASSES.value, None
+  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    info = data_lib.dataset_info(config)
+    train_ds, _ = data_lib.train_dataset(config)
+  except ValueError as e:  # not prepared, bad split...: the user's to fix
+    raise train.ConfigError(common.one_line(e)) from e
+  return tuple(info.image_shape), info.num_classes, next(train_ds.as_numpy_iterator())
+
+
+def host_batches(image_shape, num_classes: int, batch_size: int, pipeline_batch=None):
+  """Host numpy (train, eval) batches: a pipeline batch, or random images and labels."""
+  rng = np.random.default_rng(0)
+  batch = pipeline_batch or {
+      "image": rng.standard_normal((batch_size, *image_shape), np.float32),
+      "label": rng.integers(0, num_classes, (batch_size,), np.int32)}
+  train_batch = {"image": batch["image"], "label": batch["label"]}
+  return train_batch, {**train_batch, "mask": np.ones((batch_size,), np.float32)}
+
+
+class Setup:
+  """One method's plan with the trainer's runtime, device batches and stage switch.
+
+  `runtimes` (holds_zeros -> runtime), when given, is reused and filled: methods whose states
+  have one signature then share the jitted steps' compilations.
+  """
+
+  def __init__(self, config, image_shape, num_classes: int, host_train, host_eval,
+               runtimes: dict | None = None):
+    self.config = config
+    self.keys = train._run_keys(config.seed)  # pylint: disable=protected-access
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    units = tree_lib.layer_order(train.create_model(config, num_classes), self.keys[0], dummy,
+                                 train=False)
+    self.plan = methods.make_plan(config, units)
+    runtimes = {} if runtimes is None else runtimes
+    if self.plan.holds_zeros not in runtimes:
+      runtimes[self.plan.holds_zeros] = train.build_runtime(
+          config, num_classes, image_shape, holds_zeros=self.plan.holds_zeros)
+    self.runtime = runtimes[self.plan.holds_zeros]
+    self.train_batch = jax.device_put(host_train, self.runtime.batch_sharding)
+    self.eval_batch = jax.device_put(host_eval, self.runtime.batch_sharding)
+    self.learning_rate = jax.device_put(jnp.float32(0.01), self.runtime.replicated)
+    # The trainer reads calibration batches from a host iterator: so does the benchmark.
+    self.calibration = itertools.repeat({"image": host_train["image"]})
+
+  def stage_start(self, k: int, state, variables=None):
+    """The state at the start of stage k, by the trainer's own `_stage_start`."""
+    return train._stage_start(  # pylint: disable=protected-access
+        self.runtime, self.plan, self.config, k, state, variables, self.calibration, self.keys)
+
+  def initial_state(self):
+    return self.stage_start(0, None, self.runtime.init(self.keys[0]))
+
+  @property
+  def switches(self) -> range:
+    """Stages whose switches run: 1..3, fewer when the plan has fewer stages."""
+    return range(1, min(_SWITCHES + 1, self.plan.num_stages))
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      tree)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _durations(run, repeats: int) -> list[float]:
+  """Wall-clock seconds of each of `repeats` calls of `run()` (which blocks until ready)."""
+  durations = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    durations.append(time.perf_counter() - start)
+  return durations
+
+
+def time_train_steps(setup: Setup, state, steps: int, repeats: int, next_batch=None):
+  """(state, seconds per step of each repeat) of the AOT compiled train step, on the
+  device-resident batch or, when given, on `next_batch()` for every step."""
+  step = setup.runtime.compiled_train_step
+  next_batch = next_batch or (lambda: setup.train_batch)
+  holder = [state]
+
+  def run(n):
+    current = holder[0]
+    for _ in range(n):
+      current, _ = step(current, next_batch(), setup.learning_rate)
+    holder[0] = jax.block_until_ready(current)
+
+  run(_WARMUP_STEPS)
+  durations = _durations(lambda: run(steps), repeats)
+  return holder[0], [d / steps for d in durations]
+
+
+def time_eval_steps(setup: Setup, variables, steps: int, repeats: int) -> list[float]:
+  """Seconds per AOT compiled eval step of each repeat, on the device-resident batch."""
+  step = setup.runtime.compiled_eval_step
+
+  def run(n):
+    jax.block_until_ready([step(variables, setup.eval_batch) for _ in range(n)])
+
+  run(_WARMUP_STEPS)
+  return [d / steps for d in _durations(lambda: run(steps), repeats)]
+
+
+def time_stage_switches(setup: Setup, state, repeats: int):
+  """(state, seconds of each whole stage switch) after one warm-up switch to each stage.
+
+  The warm-up feeds every switched state to the AOT compiled eval and train steps, which
+  raise if a switch changed a shape, dtype or sharding. Timed switches then start from the
+  same state, stages 1..3 in turn, `repeats` rounds. No durations for one-stage methods.
+  """
+  runtime = setup.runtime
+  for k in setup.switches:
+    state = setup.stage_start(k, state)
+    runtime.compiled_eval_step(state.variables, setup.eval_batch)
+    state, _ = runtime.compiled_train_step(state, setup.train_batch, setup.learning_rate)
+  state = jax.block_until_ready(state)
+  durations = []
+  for _ in range(repeats):
+    for k in setup.switches:
+      durations += _durations(lambda k=k: jax.block_until_ready(setup.stage_start(k, state)), 1)
+  return state, durations
+
+
+# ---------------------------------------------------------------- recompiles
+
+
+class CompileCounter:
+  """Names of the XLA compilations (persistent-cache hits included) done inside `run`."""
+
+  def __init__(self):
+    self.names = []
+    self._active = False
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+  def _listen(self, event, duration, **kwargs):
+    del duration
+    if self._active and event == dispatch.BACKEND_COMPILE_EVENT:
+      self.names.append(kwargs.get("fun_name", "?"))
+
+  def run(self, fn, *args):
+    self._active = True
+    try:
+      return fn(*args)
+    finally:
+      self._active = False
+
+
+def switch_recompiles(config, image_shape, num_classes: int, method_names,
+                      counter: CompileCounter) -> dict[str, int]:
+  """method -> compilations of the jitted (not AOT) train and eval steps that its first three
+  stage switches cause: compile events while the steps run on each switched state, or the
+  growth of the steps' jit caches, whichever is larger. Shapes play no part in this, so it runs
+  at one image per device."""
+  batch_size = jax.device_count()
+  host_train, host_eval = host_batches(image_shape, num_classes, batch_size)
+  runtimes = {}
+  counts = {}
+  for name in method_names:
+    method_config = config.copy_and_resolve_references()
+    method_config.update(method=name, batch_size=batch_size, eval_batch_size=batch_size)
+    probe = Setup(method_config, image_shape, num_classes, host_train, host_eval, runtimes)
+    jitted = (probe.runtime.train_step, probe.runtime.eval_step)
+
+    def run_steps(state, probe=probe):
+      jax.block_until_ready(probe.runtime.eval_step(state.variables, probe.eval_batch))
+      state, _ = probe.runtime.train_step(state, probe.train_batch, probe.learning_rate)
+      return jax.block_until_ready(state)
+
+    state = run_steps(probe.initial_state())  # stage 0 may compile: a new state signature
+    sizes = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
+    compiled_before = len(counter.names)
+    for k in probe.switches:
+      state = counter.run(run_steps, probe.stage_start(k, state))
+    grown = sum(f._cache_size() - n for f, n in zip(jitted, sizes))  # pylint: disable=protected-access
+    counts[name] = max(len(counter.names) - compiled_before, grown)
+  return counts
+
+
+def _check_methods() -> list[str]:
+  names = _CHECK_METHODS.value
+  if names is None:
+    return list(methods.METHODS)
+  if names == ["none"]:
+    return []
+  unknown = [n for n in names if n not in methods.METHODS]
+  if unknown:
+    raise train.ConfigError(f"check_methods={','.join(unknown)} is unknown; accepted: "
+                            f"{', '.join(methods.METHODS)}, or none")
+  return names
+
+
+# ---------------------------------------------------------------- memory, FLOPs, MFU
+
+
+def peak_memory_mb(device) -> tuple[float, str]:
+  """Peak memory in MiB: the device's where the backend reports it, else the process max RSS."""
+  stats = device.memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20, "device"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+def model_flops_utilization(device, flops_per_step: float, step_s: float, devices: int,
+                            compute_dtype: str) -> float | None:
+  """Achieved over peak FLOP/s of the devices used; None on CPU or a device of unknown peak."""
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  for name, peaks in _PEAK_FLOPS.items():
+    if name in kind:
+      return flops_per_step / step_s / (peaks[compute_dtype] * devices)
+  return None
+
+
+# ---------------------------------------------------------------- input pipeline
+
+
+def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: int):
+  """(state, seconds per step of each repeat) of the train step fed by the real tf.data
+  pipeline, as the trainer feeds it; one epoch first fills the pipeline's cache."""
+  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  train_ds, steps_per_epoch = data_lib.train_dataset(config)
+  iterator = train_ds.as_numpy_iterator()
+  for _ in range(steps_per_epoch + 1):
+    next(iterator)
+  sharding = setup.runtime.batch_sharding
+  return time_train_steps(
+      setup, state, steps, repeats,
+      next_batch=lambda: train._global_batch(next(iterator), sharding))  # pylint: disable=protected-access
+
+
+# ---------------------------------------------------------------- main
+
+
+def _ms(seconds: float | None) -> float | None:
+  return None if seconds is None else round(1000 * seconds, 3)
+
+
+def benchmark() -> dict:
+  """Runs every measurement; returns the JSON-able results."""
+  counter = CompileCounter()
+  config = make_config(_METHOD.value)
+  check_methods = _check_methods()
+  image_shape, num_classes, pipeline_batch = data_spec(config)
+  host_train, host_eval = host_batches(image_shape, num_classes, config.batch_size,
+                                       pipeline_batch)
+  setup = Setup(config, image_shape, num_classes, host_train, host_eval)
+  state = setup.initial_state()
+  compiled = train.compile_steps(setup.runtime, state, _abstract(setup.train_batch),
+                                 _abstract(setup.eval_batch))
+  _log(f"compiled the train and eval steps in {compiled['compile_s']:.1f} s")
+
+  steps, repeats, batch = _STEPS.value, _REPEATS.value, config.batch_size
+  state, train_s = time_train_steps(setup, state, steps, repeats)
+  step_s = statistics.median(train_s)
+  _log(f"train step {1000 * step_s:.1f} ms ({batch / step_s:.1f} images/s)")
+  eval_s = statistics.median(time_eval_steps(setup, state.variables, steps, repeats))
+  ratio = None
+  if _DATASET.value:
+    state, fed_s = time_pipeline_fed_steps(setup, config, state, steps, repeats)
+    ratio = step_s / statistics.median(fed_s)
+    _log(f"input pipeline ratio {ratio:.2f}")
+  state, switch_s = time_stage_switches(setup, state, repeats)
+  switch_s = statistics.median(switch_s) if switch_s else None
+  _log(f"stage switch {_ms(switch_s)} ms")
+  recompiles = switch_recompiles(config, image_shape, num_classes, check_methods, counter)
+  _log(f"stage switch recompiles {recompiles}")
+
+  device = jax.devices()[0]
+  devices = setup.runtime.replicated.mesh.size
+  # XLA's cost analysis counts one device's share of the data-parallel step.
+  flops_per_step = compiled["train_step_flops"] * devices
+  memory_mb, memory_source = peak_memory_mb(device)
+  return {
+      "model": _MODEL.value, "batch_size": batch, "image_size": image_shape[0],
+      "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
+      "compute_dtype": _COMPUTE_DTYPE.value, "dataset": _DATASET.value,
+      "devices": devices, "backend": jax.default_backend(), "device_kind": device.device_kind,
+      "cpu_threads": len(os.sched_getaffinity(0)), "steps": steps, "repeats": repeats,
+      "train_images_per_s": round(batch / step_s, 2),
+      "train_step_ms": _ms(step_s),
+      "train_step_ms_repeats": [_ms(s) for s in train_s],
+      "eval_images_per_s": round(batch / eval_s, 2),
+      "reinit_transform_ms": _ms(switch_s),
+      "reinit_transform_over_train_step": None if switch_s is None
+                                          else round(switch_s / step_s, 3),
+      "stage_switch_recompiles": sum(recompiles.values()),
+      "stage_switch_recompiles_by_method": recompiles,
+      "input_pipeline_ratio": None if ratio is None else round(ratio, 3),
+      "peak_memory_mb": round(memory_mb, 1), "peak_memory_source": memory_source,
+      "train_flops_per_image": flops_per_step / batch,
+      "mfu": model_flops_utilization(device, flops_per_step, step_s, devices,
+                                     _COMPUTE_DTYPE.value),
+      "compile_s": round(compiled["compile_s"], 2),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "imported_tf": any(name in sys.modules for name in _HEAVY_MODULES),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    results = benchmark()
+  except train.ConfigError as e:
+    common.fail(str(e))
+  print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(common.run_app(main))

@@ -1,0 +1,75 @@
+r"""Reproduce the study: run a sweep locally, analyze chosen runs, write the report.
+
+  python -m launch.reproduce configs/paper.py:study=digits --workdir=runs/digits
+  python -m launch.reproduce --config=configs/paper.py:study=full --workdir=DIR --dry_run
+
+The SWEEP argument (or `--config`) is a config file with `get_sweep(arg)`, as for
+`launch.sweep`; `--config.FIELD=VALUE` overrides apply to every run. Runs go one by one into
+`WORKDIR/<run name>`; finished ones are skipped, so a stopped reproduction continues where it
+stopped (and an interrupted run resumes from its checkpoint). Then the runs the config file's
+`analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
+when present), and `reinit.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
+prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
+the report from their results with `python -m reinit.report WORKDIR`.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import common
+from launch import sweep  # also defines the --config, --workdir and --dry_run flags used here
+
+_ANALYZE = flags.DEFINE_bool("analyze", True, "Analyze the runs the config file names.")
+
+
+def _analyze(root: str, finished, wanted: list[dict]) -> None:
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  from reinit.analysis import run as analysis_run  # pylint: disable=g-import-not-at-top
+  defaults = dict(analysis_run.DEFAULTS, analyses=analysis_run.ANALYSES)
+  for name, run, _ in finished:
+    if not any(all(run.get(k) == v for k, v in w.items()) for w in wanted):
+      continue
+    workdir = os.path.join(root, name)
+    if os.path.exists(os.path.join(workdir, analysis_run.ANALYSIS_FILE)):
+      continue
+    print(f"{name}: analyzing ...", flush=True)
+    try:
+      result, _ = analysis_run.analyze_workdir(workdir, **defaults)
+    except train.ConfigError as e:
+      common.fail(str(e))
+    print(analysis_run.summary(result), flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config_path, arg, cli_overrides = sweep.config_flag_parts()
+  root = flags.FLAGS.workdir
+  finished = sweep.run_sweep(config_path, arg, cli_overrides, root, dry_run=flags.FLAGS.dry_run)
+  if flags.FLAGS.dry_run:
+    return
+  module = sweep.load_module(config_path)
+  if _ANALYZE.value and hasattr(module, "analyzed_runs"):
+    _analyze(root, finished, module.analyzed_runs(arg))
+  from reinit import report  # pylint: disable=g-import-not-at-top
+  out = report.build_report(root)
+  for name in ("table2", "table3", "analysis"):
+    if out["markdown"].get(name):
+      print(f"\n{out['markdown'][name]}")
+  figures = sorted(path for path in out["files"].values() if path.endswith(".png"))
+  print(f"\nreport: {os.path.dirname(out['files']['runs.csv'])}; figures: {', '.join(figures)}")
+
+
+def _positional_sweep_as_config(argv: list[str]) -> list[str]:
+  """`reproduce SWEEP ...` is `reproduce --config=SWEEP ...`."""
+  if len(argv) > 1 and not argv[1].startswith("-"):
+    return [argv[0], f"--config={argv[1]}", *argv[2:]]
+  return argv
+
+
+if __name__ == "__main__":
+  sys.argv = _positional_sweep_as_config(sys.argv)
+  sys.exit(common.run_app(main))
