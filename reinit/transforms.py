@@ -9,6 +9,7 @@ Only jax, flax, optax and numpy are imported here: this module is the library co
 """
 
 from collections.abc import Mapping
+import re
 from typing import Any
 
 import jax
@@ -104,20 +105,32 @@ def _module_and_variable(path: str, collection_first: bool) -> tuple[tuple[str, 
   return tuple(parts[:-1]), parts[-1]
 
 
+_LAYER_TYPE_WORDS = re.compile(r"conv|batchnorm|batch_norm|groupnorm|layernorm|norm|bn|dense",
+                               re.IGNORECASE)
+
+
+def _site(name: str) -> str:
+  """A module name without its layer-type word: what a conv shares with its BatchNorm.
+
+  'Conv_0' and 'BatchNorm_0' -> '_0'; 'conv1' and 'bn1' -> '1'; 'shortcut_conv' and
+  'shortcut_bn' -> 'shortcut_'; 'conv' and 'bn' -> ''.
+  """
+  return _LAYER_TYPE_WORDS.sub("", name, count=1)
+
+
 def _pairs_with(conv_module: tuple[str, ...], other: tuple[str, ...]) -> bool:
   """Whether `other` holds per-channel entries of `conv_module`'s outputs.
 
-  The module itself (its bias), or a sibling whose name has the same suffix after the last '_'
-  (`Conv_0` <-> `BatchNorm_0`, `conv_proj` <-> `norm_proj`): linen names modules of one call
-  site this way, and our models keep each conv's BatchNorm at the same suffix.
+  The module itself (its bias), or a sibling whose name differs only in the layer-type word
+  (`Conv_0` <-> `BatchNorm_0`, `conv1` <-> `bn1`, `shortcut_conv` <-> `shortcut_bn`,
+  `stem/conv` <-> `stem/bn`): the naming of linen's auto-names and of hand-named blocks.
   """
   if other == conv_module:
     return True
   if not conv_module or len(other) != len(conv_module) or other[:-1] != conv_module[:-1]:
     return False
-  conv_suffix = conv_module[-1].rpartition("_")[2]
-  other_suffix = other[-1].rpartition("_")[2]
-  return "_" in conv_module[-1] and "_" in other[-1] and conv_suffix == other_suffix
+  return (_LAYER_TYPE_WORDS.search(other[-1]) is not None
+          and _site(conv_module[-1]) == _site(other[-1]))
 
 
 def random_mask(key: jax.Array, tree: PyTree, *, fraction: float, granularity: str = "weight",
@@ -130,8 +143,8 @@ def random_mask(key: jax.Array, tree: PyTree, *, fraction: float, granularity: s
     fraction: in [0, 1], the fraction of entries selected per leaf.
     granularity: "weight" selects entries; "filter" selects whole output channels (last axis of
       a kernel: `round(fraction * C_out)` of them) and the matching per-channel entries of that
-      unit (its bias, and the same-suffix sibling BatchNorm's scale/bias/mean/var, see
-      `_pairs_with`), in every collection of a `variables` tree.
+      unit (its bias, and the sibling BatchNorm's scale/bias/mean/var, see `_pairs_with`), in
+      every collection of a `variables` tree.
     within: leaf mask of the leaves to draw in; default all kernels (`tree.kernels`).
 
   Returns:

@@ -282,3 +282,20 @@ def test_shardings_preserved_on_8_device_mesh(cnn):
   out = jax.jit(reinit.reset_opt_state)(opt_state, reinit.select(params, layers=["head"]))
   for (path, got, want) in _pairs(out, opt_state):
     assert got.sharding.is_equivalent_to(want.sharding, got.ndim), path
+
+
+def test_random_mask_filter_pairs_resnet_names():
+  model = get_model("resnet18", num_classes=10, width=0.125)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  mask = reinit.random_mask(jax.random.key(0), shapes, fraction=0.5, granularity="filter")
+  params, stats = mask["params"], mask["batch_stats"]
+  for block, conv, bn in (("block0", "conv1", "bn1"), ("block0", "conv2", "bn2"),
+                          ("block2", "shortcut_conv", "shortcut_bn"), ("stem", "conv", "bn")):
+    channels = np.asarray(params[block][conv]["kernel"])[0, 0, 0]
+    assert channels.sum() == round(0.5 * channels.size)
+    for entry in (params[block][bn]["scale"], params[block][bn]["bias"],
+                  stats[block][bn]["mean"], stats[block][bn]["var"]):
+      np.testing.assert_array_equal(entry, channels, err_msg=f"{block}/{bn}")
+  # conv1's channels are not conv2's: each conv pairs with its own BatchNorm only.
+  assert not np.array_equal(np.asarray(params["block0"]["conv1"]["kernel"])[0, 0, 0],
+                            np.asarray(params["block0"]["bn2"]["scale"]))
