@@ -2,8 +2,8 @@
 
 A method is a `Plan`: stages, each with its epochs and peak learning rate, and a stage switch,
 a pure function `(k, variables, fresh, memory, rng) -> Switched(variables, memory, touched)`
-applied before stage k >= 1 (k is static; everything else may be traced, so the trainer jits
-it). `memory` is the method's bookkeeping, drawn at stage 0 by `Plan.begin(variables, rng)`
+applied before stage k >= 1. Every argument may be traced, k included: the trainer compiles
+one switch per run, not one per stage. `memory` is the method's bookkeeping, drawn at stage 0 by `Plan.begin(variables, rng)`
 (LW's norms at initialization, KE's split key, DSD's keep mask); it is a pytree of arrays, so it
 is checkpointed with the state. `touched` is a mask over `params` of what the switch changed
 (the optimizer policy `reset_optimizer=masked` zeroes the optimizer state there).
@@ -44,6 +44,16 @@ class Switched(NamedTuple):
   touched: PyTree
 
 
+def _nothing(params: PyTree) -> PyTree:
+  return jax.tree.map(lambda _: False, params)
+
+
+def _keep_all(k, variables, fresh, memory, rng) -> Switched:
+  """No transform: the switch of `restarts` (only optimizer and schedule restart)."""
+  del k, fresh, rng
+  return Switched(variables, memory, _nothing(variables["params"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What a method does, stage by stage.
@@ -62,23 +72,13 @@ class Plan:
   epochs: tuple[int, ...]
   learning_rates: tuple[float, ...]
   begin: Callable[[PyTree, jax.Array], PyTree] = lambda variables, rng: {}
-  switch: Callable[..., Switched] = None
+  switch: Callable[..., Switched] = _keep_all
   calibrate_unit: Callable[[int], str | None] = lambda k: None
   holds_zeros: bool = False
 
   @property
   def num_stages(self) -> int:
     return len(self.epochs)
-
-
-def _nothing(params: PyTree) -> PyTree:
-  return jax.tree.map(lambda _: False, params)
-
-
-def _keep_all(k, variables, fresh, memory, rng) -> Switched:
-  """No transform: the switch of `restarts` (only optimizer and schedule restart)."""
-  del k, fresh, rng
-  return Switched(variables, memory, _nothing(variables["params"]))
 
 
 def _cap_stages(num_stages: int | None, available: int) -> int:
@@ -119,12 +119,30 @@ def deactivate_standardizations(variables: PyTree) -> PyTree:
   return {**variables, NORM_COLLECTION: tree_lib.map_with_path(off, variables[NORM_COLLECTION])}
 
 
+def _restrict(mask: PyTree, collections: Sequence[str]) -> PyTree:
+  """A mask over `variables`, False outside `collections`."""
+  return {c: mask[c] if c in collections else jax.tree.map(lambda _: False, mask[c])
+          for c in mask}
+
+
 def _reset_mask(variables: PyTree, layers: Sequence[str], reset_batch_stats: bool) -> PyTree:
   """Leaf mask of `layers` in `params` (and `batch_stats` when asked), False elsewhere."""
   collections = ("params", "batch_stats") if reset_batch_stats else ("params",)
-  above = tree_lib.select(variables, layers=layers)
-  return {c: above[c] if c in collections else jax.tree.map(lambda _: False, above[c])
-          for c in above}
+  return _restrict(tree_lib.select(variables, layers=layers), collections)
+
+
+def unit_mask(tree: PyTree, units: Sequence[str], chosen: Callable[[int], Any]) -> PyTree:
+  """Leaf mask: `chosen(i)` for the leaves of units[i], False for leaves of no unit.
+
+  `chosen` may compare with a traced stage index (`lambda i: i >= k`): the leaves are then
+  traced bool scalars and one compiled switch serves every stage.
+  """
+  per_unit = [tree_lib.select(tree, layers=[unit]) for unit in units]
+
+  def leaf(*in_unit):
+    index = next((i for i, m in enumerate(in_unit) if m), None)
+    return False if index is None else chosen(index)
+  return jax.tree.map(leaf, *per_unit)
 
 
 def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units: Sequence[str],
@@ -133,7 +151,7 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
   """LW's transform before stage k: keep units[:k] rescaled, reinitialize units[k:].
 
   Args:
-    k: the stage, 1 <= k <= len(units) - 1.
+    k: the stage, 1 <= k <= len(units) - 1: a Python int, or a traced int32 scalar.
     variables: linen variables with `params`, `batch_stats` and `norm` collections.
     fresh: `model.init(key_k, ...)`, same structure.
     memory: `{'init_norms': init_norms(initial variables)}`.
@@ -149,10 +167,11 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
     The variables for stage k (the trainer then switches on the standardization at the output
     of units[k-1] once it has statistics, see `calibrate_standardization`).
   """
-  out = transforms.reinitialize(variables, fresh,
-                                _reset_mask(variables, units[k:], reset_batch_stats))
+  collections = ("params", "batch_stats") if reset_batch_stats else ("params",)
+  above = unit_mask(variables, units, lambda i: i >= k)
+  out = transforms.reinitialize(variables, fresh, _restrict(above, collections))
   if rescale:
-    kept = tree_lib.select(out["params"], layers=units[:k])
+    kept = unit_mask(out["params"], units, lambda i: i < k)
     rescaled = transforms.rescale(out["params"], memory["init_norms"], kept)
     if not rescale_zero_init:
       # Data-dependent but traced: the switch stays one jittable function of its inputs.
@@ -258,18 +277,21 @@ def dsd_begin(variables, rng):
 
 
 def dsd_switch(*, sparsity: float):
-  """Dense-Sparse-Dense: stage 1 prunes, stage 2 releases the pruned weights (from zero)."""
+  """Dense-Sparse-Dense: stage 1 prunes, stage 2 releases the pruned weights (from zero).
+
+  Written for a traced `k` (both branches computed, one selected), so one compiled switch
+  serves both stages.
+  """
   def switch(k, variables, fresh, memory, rng):
     del fresh, rng
     params = variables["params"]
-    if k == 1:
-      pruned = transforms.magnitude_mask(params, sparsity=sparsity)
-      keep = jax.tree.map(lambda p, m: jnp.ones(p.shape, jnp.bool_) if isinstance(m, bool)
-                          else ~m, params, pruned)
-      params = jax.tree.map(lambda p, kept: jnp.where(kept, p, jnp.zeros_like(p)), params, keep)
-      return Switched({**variables, "params": params}, {"keep": keep}, pruned)
-    keep = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), params)
-    return Switched(variables, {"keep": keep}, _nothing(params))
+    prune = jnp.asarray(k) == 1
+    pruned = transforms.magnitude_mask(params, sparsity=sparsity)
+    pruned = jax.tree.map(lambda p, m: jnp.zeros(p.shape, jnp.bool_) if isinstance(m, bool)
+                          else m & prune, params, pruned)
+    keep = jax.tree.map(lambda m: ~m, pruned)
+    params = jax.tree.map(lambda p, kept: jnp.where(kept, p, jnp.zeros_like(p)), params, keep)
+    return Switched({**variables, "params": params}, {"keep": keep}, pruned)
   return switch
 
 
@@ -319,7 +341,7 @@ def make_plan(config, units: Sequence[str]) -> Plan:
                       reset_batch_stats=bool(lw.reset_batch_stats),
                       rescale_zero_init=bool(lw.rescale_zero_init),
                       keep_standardizations=bool(lw.keep_standardizations))
-      return Switched(out, memory, tree_lib.select(variables["params"], layers=units[k:]))
+      return Switched(out, memory, unit_mask(variables["params"], units, lambda i: i >= k))
 
     return repeated(begin=lambda variables, rng: {"init_norms": init_norms(variables)},
                     switch=switch,

@@ -243,6 +243,9 @@ class Runtime:
   train_step: Any
   eval_step: Any
   apply_for_moments: Any
+  begin: Any  # the plan's begin, jitted
+  switch: Any  # the plan's switch, jitted once for all stages (k is traced)
+  reset_opt_state: Any
   holds_zeros: bool
   compiled_train_step: Any = None
   compiled_eval_step: Any = None
@@ -256,8 +259,9 @@ def rarely_run_jit(fun, **kwargs):
   return jax.jit(fun, **kwargs)
 
 
-def build_runtime(config, num_classes: int, image_shape, *, holds_zeros: bool = False) -> Runtime:
-  """Mesh, shardings, model, optimizer and the jitted init/train/eval functions."""
+def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan) -> Runtime:
+  """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan`."""
+  holds_zeros = plan.holds_zeros
   mesh = jax.make_mesh((num_devices(config),), ("data",),
                        devices=jax.devices()[:num_devices(config)])
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -277,7 +281,8 @@ def build_runtime(config, num_classes: int, image_shape, *, holds_zeros: bool = 
   apply_for_moments = rarely_run_jit(model.apply, static_argnames=("train", "mutable"))
   opt_init = rarely_run_jit(tx.init, out_shardings=replicated)
   return Runtime(model, tx, replicated, batch_sharding, init, opt_init, train_step, eval_step,
-                 apply_for_moments, holds_zeros)
+                 apply_for_moments, rarely_run_jit(plan.begin), rarely_run_jit(plan.switch),
+                 rarely_run_jit(transforms.reset_opt_state), holds_zeros)
 
 
 def compile_steps(runtime: Runtime, state: TrainState, train_batch, eval_batch) -> dict:
@@ -312,11 +317,43 @@ def _abstract_batch(dataset, sharding, process_count: int):
   return jax.tree.map(spec, dataset.element_spec)
 
 
-def evaluate(runtime: Runtime, variables, dataset) -> dict[str, float]:
-  """Accuracy and mean loss over every example of `dataset` (padded batches with a mask)."""
+_RESIDENT_EVAL_BYTES = 256 * 2**20
+
+
+class EvalSet:
+  """An evaluation split as global batches; kept on the devices when it is small.
+
+  Evaluating after every stage re-reads the split; a split under 256 MiB per process is kept
+  from its first pass on, which saves the tf.data start-up and the host-to-device copies at
+  every later stage end.
+  """
+
+  def __init__(self, dataset, sharding):
+    self._dataset, self._sharding = dataset, sharding
+    self._resident: list | None = None
+    self._too_big = False
+
+  def __iter__(self):
+    if self._resident is not None:
+      yield from self._resident
+      return
+    kept, size = [], 0
+    for batch in self._dataset.as_numpy_iterator():
+      size += sum(x.nbytes for x in batch.values())
+      self._too_big |= size > _RESIDENT_EVAL_BYTES
+      batch = _global_batch(batch, self._sharding)
+      if not self._too_big:
+        kept.append(batch)
+      yield batch
+    if not self._too_big:
+      self._resident = kept
+
+
+def evaluate(runtime: Runtime, variables, eval_set: EvalSet) -> dict[str, float]:
+  """Accuracy and mean loss over every example of `eval_set` (padded batches with a mask)."""
   totals = None
-  for batch in dataset.as_numpy_iterator():
-    sums = runtime.compiled_eval_step(variables, _global_batch(batch, runtime.batch_sharding))
+  for batch in eval_set:
+    sums = runtime.compiled_eval_step(variables, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals["count"])
@@ -466,13 +503,13 @@ def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: Tr
   """The state at the start of stage k: the switch, calibration and the optimizer policy."""
   _, fresh_key, method_key = keys
   if k == 0:
-    memory = rarely_run_jit(plan.begin)(variables, method_key)
+    memory = runtime.begin(variables, method_key)
     return jax.device_put(TrainState(jnp.zeros((), jnp.int32), variables,
                                      runtime.opt_init(variables["params"]), memory),
                           runtime.replicated)
   fresh = runtime.init(jax.random.fold_in(fresh_key, k))
-  switch = rarely_run_jit(plan.switch, static_argnums=0)
-  switched = switch(k, state.variables, fresh, state.memory, jax.random.fold_in(method_key, k))
+  switched = runtime.switch(jnp.int32(k), state.variables, fresh, state.memory,
+                            jax.random.fold_in(method_key, k))
   variables = switched.variables
   unit = plan.calibrate_unit(k)
   if unit is not None:
@@ -483,9 +520,15 @@ def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: Tr
   if config.reset_optimizer == "fresh":
     opt_state = runtime.opt_init(variables["params"])
   else:
-    opt_state = rarely_run_jit(transforms.reset_opt_state)(state.opt_state, switched.touched)
+    opt_state = runtime.reset_opt_state(state.opt_state, switched.touched)
   return jax.device_put(TrainState(state.step, variables, opt_state, switched.memory),
                         runtime.replicated)
+
+
+def _window_means(window: list[dict], average) -> dict[str, float]:
+  """Means over the steps of a logging window, as clu `Average` metrics of the step values."""
+  return {name: float(average.from_model_output(np.asarray([m[name] for m in window]))
+                      .compute()) for name in window[0]}
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -527,8 +570,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("%s is finished; returning its results", workdir)
     return _read_json(results_path)
 
-  runtime = build_runtime(config, info.num_classes, info.image_shape,
-                          holds_zeros=plan.holds_zeros)
+  runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
   manager = _checkpoint_manager(workdir)
@@ -557,13 +599,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           if isinstance(v, (int, float, str, bool))})
     _save_variables(workdir, "init", state.variables)
 
+  test_set = EvalSet(test_ds, runtime.batch_sharding)
+  train_eval_set = EvalSet(train_eval_ds, runtime.batch_sharding)
   # The data streams are pure functions of the config: skipping what was consumed restores them.
   train_iter = train_ds.skip(progress["global_step"]).as_numpy_iterator()
   calibration_iter = calibration_ds.skip(
       progress["calibrations"] * config.lw.calibration_batches).as_numpy_iterator()
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  average = clu_metrics.Average
   checkpoint_every = config.checkpoint_every_steps
 
   try:
@@ -572,19 +615,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state = _stage_start(runtime, plan, config, k, state, None, calibration_iter, keys)
         progress["calibrations"] += int(plan.calibrate_unit(k) is not None)
       lrs = learning_rates[k]
-      window = {}
+      window = []
       train_start = time.perf_counter()
       for i in range(progress["step_in_stage"], len(lrs)):
         batch = _global_batch(next(train_iter), runtime.batch_sharding)
         state, metrics = runtime.compiled_train_step(state, batch, lrs[i])
-        window = {n: average.from_model_output(v).merge(window[n]) if n in window
-                  else average.from_model_output(v) for n, v in metrics.items()}
+        # Device scalars, fetched only when logging: no host sync or eager op per step.
+        window.append(metrics)
         step = progress["global_step"] + 1
         report(step)
         at_log = (i + 1) % config.log_every_steps == 0 or i + 1 == len(lrs)
         at_checkpoint = checkpoint_every > 0 and step % checkpoint_every == 0 and i + 1 < len(lrs)
         if at_log or at_checkpoint:
-          means = {n: float(m.compute()) for n, m in window.items()}
+          means = _window_means(jax.device_get(window), clu_metrics.Average)
           if not np.isfinite(means["loss"]):
             raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the "
                                    f"stage (global step {step}); the last good checkpoint stays "
@@ -592,7 +635,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           if at_log:
             writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
                                  | {"train/learning_rate": float(lrs[i]), "stage": k})
-            window = {}
+            window = []
         progress.update(step_in_stage=i + 1, global_step=step)
         if at_checkpoint:
           _save_checkpoint(manager, state, progress)
@@ -600,8 +643,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
       eval_start = time.perf_counter()
       with report.timed("eval"):
-        test = evaluate(runtime, state.variables, test_ds)
-        train = evaluate(runtime, state.variables, train_eval_ds)
+        test = evaluate(runtime, state.variables, test_set)
+        train = evaluate(runtime, state.variables, train_eval_set)
       progress["eval_s"] += time.perf_counter() - eval_start
       writer.write_scalars(progress["global_step"], {
           "test/accuracy": test["accuracy"], "test/loss": test["loss"],

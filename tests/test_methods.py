@@ -41,7 +41,8 @@ def _plan(method, **knobs):
 
 
 def _switch(plan, k, trained, fresh, memory, rng=jax.random.key(7)):
-  return jax.jit(plan.switch, static_argnums=0)(k, trained, fresh, memory, rng)
+  # k traced, as the trainer calls it: one compiled switch for all stages.
+  return jax.jit(plan.switch)(jnp.int32(k), trained, fresh, memory, rng)
 
 
 def _leaves(tree):

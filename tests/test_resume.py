@@ -127,10 +127,10 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
 
 
 def _any_state(config):
-  runtime = train.build_runtime(config, 10, (8, 8, 1))
-  variables = runtime.init(jax.random.key(0))
   from reinit import methods  # pylint: disable=g-import-not-at-top
   plan = methods.make_plan(config, [f"block{i}" for i in range(6)] + ["head"])
+  runtime = train.build_runtime(config, 10, (8, 8, 1), plan)
+  variables = runtime.init(jax.random.key(0))
   return train.TrainState(jax.numpy.zeros((), jax.numpy.int32), variables,
                           runtime.tx.init(variables["params"]),
                           plan.begin(variables, jax.random.key(0)))
