@@ -426,9 +426,14 @@ def _new_figure(width: float = 7.0, height: float = 4.5):
   return fig, fig.add_subplot()
 
 
+# Matplotlib's ten default colours, then two more that none of them resembles: every one of
+# the twelve methods gets its own colour.
+_COLORS = tuple(f"C{i}" for i in range(10)) + ("black", "gold")
+
+
 def method_colors(methods: Sequence[str]) -> dict[str, str]:
   """One colour per method, by its place in `method_order`: the same in every figure."""
-  return {m: f"C{i % 10}" for i, m in enumerate(method_order(methods))}
+  return {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(method_order(methods))}
 
 
 def _save(fig, path: str) -> str:
@@ -466,7 +471,7 @@ def plot_gain_vs_size(runs: pd.DataFrame, path: str) -> str | None:
   for i, method in enumerate(methods):
     g = gains[gains["method"] == method].sort_values("train_examples")
     # Small multiplicative offsets keep overlapping error bars apart on the log axis.
-    x = g["train_examples"] * 1.04 ** (i - (len(methods) - 1) / 2)
+    x = g["train_examples"] * 1.015 ** (i - (len(methods) - 1) / 2)
     ax.errorbar(x, 100 * g["gain"], yerr=100 * g["sem"].fillna(0), marker="o", capsize=3,
                 color=colors[method], label=method)
   ax.axhline(0.0, color=colors.get("baseline", "gray"), linewidth=1, linestyle="--",
@@ -575,8 +580,9 @@ def plot_compute_vs_accuracy(runs: pd.DataFrame, path: str) -> str:
   colors = method_colors(methods)
   for i, method in enumerate(methods):
     p = points[points["method"] == method]
-    shift = 0.015 * offsets[method]
-    x = p[compute] * (1 + 4 * shift) if use_flops else p[compute] + shift * span
+    # At most a few percent apart: side by side, never seemingly of different compute.
+    shift = 0.01 * offsets[method]
+    x = p[compute] * (1 + shift) if use_flops else p[compute] + shift * span
     marker = markers[i % len(markers)]
     if several:
       ax.scatter(x, 100 * p["test_accuracy"], s=10, alpha=0.35, color=colors[method],
@@ -598,6 +604,7 @@ def plot_compute_vs_accuracy(runs: pd.DataFrame, path: str) -> str:
   ax.set_ylabel("test accuracy (%)")
   detail = ("small points: each dataset, model and size (seed mean)\nlarge: their mean ± "
             "standard error" if several else "mean ± standard error over seeds")
+  detail += "; methods of equal compute drawn side by side"
   fig.suptitle(f"Test accuracy vs training compute\n{detail}", fontsize=9)
   ax.legend(title="method (combinations)" if several else "method", fontsize=8,
             loc="upper left", bbox_to_anchor=(1.01, 1.0))
