@@ -26,6 +26,7 @@ TFDS nor clu is imported (`"imported_tf": false`). XLA flags come from `XLA_FLAG
 Minutes for resnet18 on 2 CPU cores; `--check_methods=none` skips the recompile check.
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -153,11 +154,13 @@ class Setup:
     units = tree_lib.layer_order(train.create_model(config, num_classes), self.keys[0], dummy,
                                  train=False)
     self.plan = methods.make_plan(config, units)
-    runtimes = {} if runtimes is None else runtimes
-    if self.plan.holds_zeros not in runtimes:
-      runtimes[self.plan.holds_zeros] = train.build_runtime(
-          config, num_classes, image_shape, holds_zeros=self.plan.holds_zeros)
-    self.runtime = runtimes[self.plan.holds_zeros]
+    self.runtime = train.build_runtime(config, num_classes, image_shape, self.plan)
+    if runtimes is not None:
+      # The steps depend on the model, the optimizer and `holds_zeros`, not on the method:
+      # methods whose states have one signature then share one compilation of each.
+      shared = runtimes.setdefault(self.plan.holds_zeros, self.runtime)
+      self.runtime = dataclasses.replace(self.runtime, train_step=shared.train_step,
+                                         eval_step=shared.eval_step)
     self.train_batch = jax.device_put(host_train, self.runtime.batch_sharding)
     self.eval_batch = jax.device_put(host_eval, self.runtime.batch_sharding)
     self.learning_rate = jax.device_put(jnp.float32(0.01), self.runtime.replicated)
