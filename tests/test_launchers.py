@@ -1,0 +1,56 @@
+"""The cluster scripts parse and print real commands; a sweep prints one command per run."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _bash(script, *args, env=None):
+  return subprocess.run(["bash", str(REPO / "launch" / script), *args], capture_output=True,
+                        text=True, env={**os.environ, **(env or {})}, timeout=60, cwd=REPO)
+
+
+def test_scripts_parse():
+  for script in ("tpu_pod.sh", "slurm_gpu.sh"):
+    subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+
+
+def test_tpu_pod_dry_run_prints_gcloud_commands():
+  env = {"DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "us-central2-b"}
+  create = _bash("tpu_pod.sh", "create", env=env)
+  assert create.returncode == 0, create.stderr
+  assert create.stdout.startswith("gcloud compute tpus tpu-vm create pod --zone=us-central2-b")
+  run = _bash("tpu_pod.sh", "run", "--config=configs/paper.py:study=full", "--workdir=gs://b/r",
+              env=env)
+  assert "--worker=all" in run.stdout and "launch.main\\ --distributed" in run.stdout
+  assert "--workdir=gs://b/r" in run.stdout
+  assert _bash("tpu_pod.sh", "bogus", env=env).returncode == 2
+  missing = _bash("tpu_pod.sh", "create", env={"DRY_RUN": "1", "TPU_NAME": "", "ZONE": ""})
+  assert missing.returncode != 0 and "TPU_NAME" in missing.stderr
+
+
+def test_slurm_dry_run_prints_srun_command():
+  out = _bash("slurm_gpu.sh", "--config=configs/digits.py", "--workdir=/shared/run",
+              env={"DRY_RUN": "1"})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["srun", "--kill-on-bad-exit=1", "python", "-m", "launch.main",
+                                "--distributed", "--config=configs/digits.py",
+                                "--workdir=/shared/run"]
+
+
+def test_sweep_dry_run_prints_one_command_per_run(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep",
+                         "--config=configs/paper.py:study=digits", f"--workdir={tmp_path}",
+                         "--dry_run", "--config.epochs_per_stage=3"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  commands = proc.stdout.strip().splitlines()
+  assert len(commands) == 12 * 3
+  assert all(c.startswith("python -m launch.main --config=configs/paper.py:study=digits,method=")
+             for c in commands)
+  assert all("--config.epochs_per_stage=3" in c for c in commands)
+  assert any("method=lw" in c and "--config.seed=2" in c for c in commands)
+  assert not any(tmp_path.iterdir())  # nothing run, nothing written
