@@ -332,7 +332,7 @@ def test_memorization_metrics_by_hand():
   assert np.isnan(none["memorized"])
 
 
-# ------------------------------------------------------------------ launch.analyze
+# ------------------------------------------------------------------ reinit.analysis.run and launch.analyze
 
 
 class _FakeDataset:
@@ -359,7 +359,7 @@ class _FakeDataset:
 
 def test_analyze_end_to_end_with_label_noise():
   from configs import digits as digits_config
-  from launch import analyze as analyze_lib
+  from reinit.analysis import run as analyze_lib
   from reinit import train
   import reinit
 

@@ -54,3 +54,23 @@ def test_sweep_dry_run_prints_one_command_per_run(tmp_path):
   assert all("--config.epochs_per_stage=3" in c for c in commands)
   assert any("method=lw" in c and "--config.seed=2" in c for c in commands)
   assert not any(tmp_path.iterdir())  # nothing run, nothing written
+
+
+def test_reproduce_runs_a_small_sweep_then_reports_and_skips_finished_runs(tmp_path):
+  data_dir = tmp_path / "tfds"
+  command = [sys.executable, "-m", "launch.reproduce", "configs/digits.py",
+             f"--workdir={tmp_path / 'runs'}", f"--config.data_dir={data_dir}",
+             "--config.width=0.125", "--config.train_examples=20", "--config.batch_size=16",
+             "--config.epochs_per_stage=1", "--config.num_stages=2"]
+  first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  report = tmp_path / "runs" / "report"
+  for name in ("table2.md", "table3.md", "gain_vs_size.png", "per_dataset.png",
+               "compute_vs_accuracy.png"):
+    assert (report / name).exists(), name
+  table2 = (report / "table2.md").read_text()
+  assert all(method in table2 for method in ("baseline", "baseline_long", "lw"))
+  assert "| digits | simple_cnn | 20 |" in first.stdout
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("finished earlier, skipped") == 3
