@@ -1,6 +1,6 @@
 r"""The study as sweeps: every method of the paper's comparison, seeds and training-set sizes.
 
-Laptop (the README's main job; about 6 minutes on 2 CPU cores, offline):
+Laptop (the README's main job; about 5 minutes on 2 CPU cores, offline):
 
   python -m launch.reproduce configs/paper.py:study=digits --workdir=runs/digits
 
