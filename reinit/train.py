@@ -369,7 +369,7 @@ def evaluate(runtime: Runtime, variables, eval_set: EvalSet) -> dict[str, float]
 # ---------------------------------------------------------------- workdir and checkpoints
 
 
-def _path(workdir: str, *parts: str):
+def workdir_path(workdir: str, *parts: str):
   """`workdir/parts...` as an `etils.epath.Path`: local folders and gs:// alike."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(workdir).joinpath(*parts)
@@ -380,7 +380,8 @@ def _absolute(workdir: str) -> str:
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
-def _write_json_atomically(path, payload: dict) -> None:
+def write_json_atomically(path, payload: dict) -> None:
+  """Writes JSON to `path` (an `epath.Path`) through a temporary file: never half-written."""
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
   tmp.rename(path)
@@ -407,7 +408,7 @@ def claim_workdir(config, workdir: str) -> None:
     ConfigError: the workdir holds a run with a different config (names the differing fields);
       nothing in it is touched.
   """
-  path = _path(workdir, CONFIG_FILE)
+  path = workdir_path(workdir, CONFIG_FILE)
   current = json.loads(json.dumps(config.to_dict()))
   if path.exists():
     recorded = _read_json(path)
@@ -421,7 +422,7 @@ def claim_workdir(config, workdir: str) -> None:
     return
   path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    _write_json_atomically(path, current)
+    write_json_atomically(path, current)
 
 
 def _checkpoint_manager(workdir: str):
@@ -453,7 +454,7 @@ def _restore_latest(manager, abstract_state):
     except Exception as e:  # pylint: disable=broad-except
       # Moved aside, not deleted: training will write this step again, and the bad files may
       # matter to whoever investigates.
-      directory = _path(str(manager.directory))
+      directory = workdir_path(str(manager.directory))
       aside = directory.parent / "corrupt_checkpoints"
       if jax.process_index() == 0:
         aside.mkdir(parents=True, exist_ok=True)
@@ -555,7 +556,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   validate_config(config)
-  results_path = _path(workdir, RESULTS_FILE)
+  results_path = workdir_path(workdir, RESULTS_FILE)
   info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds = _load_data(config)
   keys = _run_keys(config.seed)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
@@ -689,7 +690,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   }
   _save_variables(workdir, "final", state.variables)
   if is_chief:
-    _write_json_atomically(results_path, results)
+    write_json_atomically(results_path, results)
   return results
 
 
@@ -707,7 +708,7 @@ def load_run(workdir: str) -> FinishedRun:
   """Reads `results.json` and the init/final variables a finished run wrote to `workdir`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = _path(workdir, RESULTS_FILE)
+  path = workdir_path(workdir, RESULTS_FILE)
   if not path.exists():
     raise ConfigError(f"workdir={workdir!r} holds no finished run ({RESULTS_FILE} is missing)")
   results = _read_json(path)

@@ -1,9 +1,7 @@
 """The trainer under preemption and misuse: exact resume, corrupt checkpoints, workdir claims,
 divergence, and the same losses on 1 and 8 devices."""
 
-import json
 import os
-import shutil
 
 import jax
 import numpy as np

@@ -5,8 +5,6 @@ the analyses themselves are in the sibling modules (margins, flatness, robustnes
 memorization). This module imports TensorFlow (through the data pipeline) when it runs.
 """
 
-import json
-import os
 import time
 
 ANALYSES = ("margins", "flatness", "hessian", "robustness", "memorization")
@@ -146,13 +144,6 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
   return out
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def summary(result: dict) -> str:
   lines = [f"{result['run']['method']} on {result['run']['dataset']}:"]
   if "margins" in result:
@@ -199,6 +190,6 @@ def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches
   result = analyze(run, model, train_ds, test_ds, noise_scales=noise_scales, draws=draws,
                    batches=batches, power_iterations=power_iterations,
                    hessian_iterations=hessian_iterations, analyses=analyses, seed=seed)
-  path = os.path.join(workdir, ANALYSIS_FILE)
-  _write_json_atomically(path, result)
-  return result, path
+  path = train.workdir_path(workdir, ANALYSIS_FILE)
+  train.write_json_atomically(path, result)
+  return result, str(path)
