@@ -15,6 +15,7 @@ orbax (every `checkpoint_every_steps` and at every stage end) and resumes from t
 checkpoint when started again with the same config and workdir, ending with the same results.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -434,8 +435,10 @@ def _checkpoint_manager(workdir: str):
 
 def _save_checkpoint(manager, state: TrainState, progress: dict) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  # A copy: the save finishes in the background while the loop goes on updating `progress`.
   manager.save(int(progress["global_step"]), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
+      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(copy.deepcopy(progress))),
+      force=True)
 
 
 def _abstract(tree):
@@ -450,6 +453,9 @@ def _restore_latest(manager, abstract_state):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+      steps = {step, int(restored.state.step), int(restored.progress["global_step"])}
+      if len(steps) != 1:
+        raise ValueError(f"inconsistent checkpoint: directory, state and progress steps {steps}")
       return restored.state, restored.progress
     except Exception as e:  # pylint: disable=broad-except
       # Moved aside, not deleted: training will write this step again, and the bad files may

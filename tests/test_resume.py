@@ -144,3 +144,24 @@ def test_one_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
   for a, b in zip(one["stages"], eight["stages"]):
     for key in ("train_loss", "test_loss"):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=key)
+
+
+def test_inconsistent_checkpoint_is_not_restored(data_dir, tmp_path, caplog):
+  """A checkpoint whose progress does not match its state (say, progress written after the
+  loop moved on) would resume at the wrong batch: it is moved aside like a corrupt one."""
+  config = _config(data_dir)
+  state = _any_state(config)
+  manager = train._checkpoint_manager(str(tmp_path))  # pylint: disable=protected-access
+  good = {"global_step": 0, "stage": 0, "step_in_stage": 0}
+  train._save_checkpoint(manager, state, good)  # pylint: disable=protected-access
+  stale = state.replace(step=state.step + 5)  # state at step 5 ...
+  train._save_checkpoint(  # pylint: disable=protected-access
+      manager, stale, {"global_step": 7, "stage": 0, "step_in_stage": 7})  # ... saved as 7
+  manager.wait_until_finished()
+  assert manager.all_steps() == [0, 7]
+  restored, progress = train._restore_latest(  # pylint: disable=protected-access
+      manager, train._abstract(state))  # pylint: disable=protected-access
+  assert progress == good and int(restored.step) == 0
+  assert manager.all_steps() == [0]
+  assert os.listdir(tmp_path / "corrupt_checkpoints")
+  assert any("inconsistent checkpoint" in r.getMessage() for r in caplog.records)
