@@ -87,6 +87,8 @@ _PEAK_FLOPS = {
     "tpu v6": {"bfloat16": 918e12, "float32": 918e12},
 }
 _HEAVY_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
+# Fields of `reinit.train.Runtime` that no method changes (the plan's own are not shared).
+_METHOD_INDEPENDENT = ("init", "opt_init", "train_step", "eval_step", "apply_for_moments")
 
 
 def _log(message: str) -> None:
@@ -142,8 +144,8 @@ def host_batches(image_shape, num_classes: int, batch_size: int, pipeline_batch=
 class Setup:
   """One method's plan with the trainer's runtime, device batches and stage switch.
 
-  `runtimes` (holds_zeros -> runtime), when given, is reused and filled: methods whose states
-  have one signature then share the jitted steps' compilations.
+  `runtimes` (holds_zeros -> runtime), when given, is reused and filled: the method-independent
+  jitted functions of the first runtime built are shared by the next methods.
   """
 
   def __init__(self, config, image_shape, num_classes: int, host_train, host_eval,
@@ -156,11 +158,11 @@ class Setup:
     self.plan = methods.make_plan(config, units)
     self.runtime = train.build_runtime(config, num_classes, image_shape, self.plan)
     if runtimes is not None:
-      # The steps depend on the model, the optimizer and `holds_zeros`, not on the method:
-      # methods whose states have one signature then share one compilation of each.
+      # These depend on the model, the optimizer and `holds_zeros`, not on the method: methods
+      # whose states have one signature share one compilation of each.
       shared = runtimes.setdefault(self.plan.holds_zeros, self.runtime)
-      self.runtime = dataclasses.replace(self.runtime, train_step=shared.train_step,
-                                         eval_step=shared.eval_step)
+      self.runtime = dataclasses.replace(self.runtime, **{
+          field: getattr(shared, field) for field in _METHOD_INDEPENDENT})
     self.train_batch = jax.device_put(host_train, self.runtime.batch_sharding)
     self.eval_batch = jax.device_put(host_eval, self.runtime.batch_sharding)
     self.learning_rate = jax.device_put(jnp.float32(0.01), self.runtime.replicated)
