@@ -8,10 +8,23 @@ import sys
 # memory, and its C++ logs drown the run's own.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # XLA's CPU backend: convolutions fused one by one into the YNNPACK path ran the train step of
-# simple_cnn (batch 128, 32x32x3) at 252 images/s on 2 cores; leaving them to XLA's own
-# emitters (this flag) at 532, level with PyTorch (README, "Performance"). CPU-only; a value
-# the user sets in XLA_FLAGS wins.
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+# simple_cnn (batch 128, 32x32x3) at 230 images/s on 2 cores; leaving them to XLA's own
+# (Eigen) convolutions with this flag, at 440 (README, "Performance"). CPU-only; a value the
+# user sets in XLA_FLAGS wins. Only for jaxlibs known to have the flag: XLA aborts the process
+# on a flag it does not know.
+_TESTED_JAXLIBS = ((0, 10),)  # (major, minor)
+
+
+def _jaxlib_version() -> tuple[int, ...] | None:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return tuple(int(part) for part in metadata.version("jaxlib").split(".")[:2])
+  except (metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+if ("xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", "")
+    and _jaxlib_version() in _TESTED_JAXLIBS):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_"
                              "fusion_type=-individual_convolution").strip()
 # Runs of a sweep compile the same programs (one train step per model and shape): JAX's

@@ -181,14 +181,53 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
   return out if keep_standardizations else deactivate_standardizations(out)
 
 
+def unit_moments(apply_fn: Callable[..., Any], variables: PyTree, images: jax.Array,
+                 unit: str) -> tuple[jax.Array, jax.Array]:
+  """Per-channel mean and variance of the output of `unit` over a few training batches.
+
+  Runs the model in training mode (BatchNorm on batch statistics, as it runs while training;
+  running statistics are not updated) over each batch of `images`, one after the other, and
+  averages the first and second moments recorded at `unit`'s `Standardize`. Jitted with `unit`
+  static, only the layers up to `unit` run: XLA drops those above, whose outputs are unused.
+
+  Args:
+    apply_fn: `model.apply`.
+    variables: the variables right after the stage switch.
+    images: (K, B, H, W, C), K training batches.
+    unit: a top-level unit name that ends in a `Standardize`.
+
+  Returns:
+    (mean, var), each (C,) float32.
+  """
+  def moments(batch):
+    _, state = apply_fn(variables, batch, train=True,
+                        mutable=("batch_stats", MOMENTS_COLLECTION))
+    (recorded,) = state[MOMENTS_COLLECTION][unit].values()
+    return recorded["first"][0], recorded["second"][0]
+
+  # lax.map, not vmap or a Python loop: in one program, concurrent forward passes would
+  # compete for the CPU's cores.
+  firsts, seconds = jax.lax.map(moments, jnp.asarray(images))
+  mean = jnp.mean(firsts, axis=0)
+  return mean, jnp.maximum(jnp.mean(seconds, axis=0) - jnp.square(mean), 0.0)
+
+
+def set_standardization(variables: PyTree, unit: str, mean: jax.Array,
+                        var: jax.Array) -> PyTree:
+  """Switches on the standardization at the output of `unit` with these statistics. Pure."""
+  norm = flax.core.unfreeze(variables[NORM_COLLECTION])
+  (name,) = norm[unit].keys()
+  norm[unit][name] = {"active": jnp.ones_like(norm[unit][name]["active"]),
+                      "mean": mean, "var": var}
+  return {**variables, NORM_COLLECTION: norm}
+
+
 def calibrate_standardization(apply_fn: Callable[..., Any], variables: PyTree,
                               images: Sequence[jax.Array], unit: str) -> PyTree:
   """Switches on the standardization at the output of `unit` with statistics from `images`.
 
-  Runs the model in training mode (BatchNorm on batch statistics, as it runs while training;
-  running statistics are not updated) over each batch of `images`, averages the per-channel
-  first and second moments recorded at `unit`'s `Standardize`, and writes `mean`, `var` and
-  `active = 1` there. Pure: returns new variables.
+  `unit_moments` over the batches `images` (each (B, H, W, C)), then `set_standardization`.
+  Pure: returns new variables.
 
   Args:
     apply_fn: `model.apply`.
@@ -196,21 +235,8 @@ def calibrate_standardization(apply_fn: Callable[..., Any], variables: PyTree,
     images: a few training batches, each (B, H, W, C).
     unit: a top-level unit name that ends in a `Standardize`.
   """
-  firsts, seconds = [], []
-  for batch in images:
-    _, state = apply_fn(variables, batch, train=True,
-                        mutable=("batch_stats", MOMENTS_COLLECTION))
-    moments = state[MOMENTS_COLLECTION][unit]
-    (standardize_name,) = moments.keys()
-    firsts.append(moments[standardize_name]["first"][0])
-    seconds.append(moments[standardize_name]["second"][0])
-  mean = jnp.mean(jnp.stack(firsts), axis=0)
-  var = jnp.maximum(jnp.mean(jnp.stack(seconds), axis=0) - jnp.square(mean), 0.0)
-  norm = flax.core.unfreeze(variables[NORM_COLLECTION])
-  norm[unit][standardize_name] = {
-      "active": jnp.ones_like(norm[unit][standardize_name]["active"]),
-      "mean": mean, "var": var}
-  return {**variables, NORM_COLLECTION: norm}
+  mean, var = unit_moments(apply_fn, variables, jnp.stack(images), unit)
+  return set_standardization(variables, unit, mean, var)
 
 
 # ---------------------------------------------------------------- the other methods

@@ -17,6 +17,7 @@ checkpoint when started again with the same config and workdir, ending with the 
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -243,7 +244,7 @@ class Runtime:
   opt_init: Any  # params -> optimizer state, replicated
   train_step: Any
   eval_step: Any
-  apply_for_moments: Any
+  unit_moments: Any  # (variables, images, unit) -> (mean, var); `methods.unit_moments`
   begin: Any  # the plan's begin, jitted
   switch: Any  # the plan's switch, jitted once for all stages (k is traced)
   reset_opt_state: Any
@@ -279,10 +280,13 @@ def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan) -> 
       out_shardings=(replicated, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, num_classes=num_classes),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  apply_for_moments = rarely_run_jit(model.apply, static_argnames=("train", "mutable"))
+  # Fully optimized, unlike the other stage-switch functions: it runs forward passes of the
+  # model on training batches, up to the calibrated unit (one compile per unit).
+  unit_moments = jax.jit(functools.partial(methods.unit_moments, model.apply),
+                         static_argnums=2)
   opt_init = rarely_run_jit(tx.init, out_shardings=replicated)
   return Runtime(model, tx, replicated, batch_sharding, init, opt_init, train_step, eval_step,
-                 apply_for_moments, rarely_run_jit(plan.begin), rarely_run_jit(plan.switch),
+                 unit_moments, rarely_run_jit(plan.begin), rarely_run_jit(plan.switch),
                  rarely_run_jit(transforms.reset_opt_state), holds_zeros)
 
 
@@ -292,8 +296,10 @@ def compile_steps(runtime: Runtime, state: TrainState, train_batch, eval_batch) 
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=runtime.replicated)
   runtime.compiled_train_step = runtime.train_step.lower(state, train_batch, lr).compile()
   runtime.compiled_eval_step = runtime.eval_step.lower(state.variables, eval_batch).compile()
+  # XLA's cost analysis counts one device's share of the data-parallel step.
+  devices = runtime.replicated.mesh.size
   return {"compile_s": time.perf_counter() - start,
-          "train_step_flops": _flops(runtime.compiled_train_step)}
+          "train_step_flops": _flops(runtime.compiled_train_step) * devices}
 
 
 def _flops(compiled) -> float:
@@ -520,10 +526,10 @@ def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: Tr
   variables = switched.variables
   unit = plan.calibrate_unit(k)
   if unit is not None:
-    batches = [jnp.asarray(next(calibration_iter)["image"])
-               for _ in range(config.lw.calibration_batches)]
-    variables = methods.calibrate_standardization(runtime.apply_for_moments, variables, batches,
-                                                  unit)
+    images = np.stack([next(calibration_iter)["image"]
+                       for _ in range(config.lw.calibration_batches)])
+    variables = methods.set_standardization(variables, unit,
+                                            *runtime.unit_moments(variables, images, unit))
   if config.reset_optimizer == "fresh":
     opt_state = runtime.opt_init(variables["params"])
   else:

@@ -13,6 +13,22 @@ import jax.numpy as jnp
 from reinit.models.standardize import Standardize
 
 
+def max_pool_2x2(x):
+  """2x2 max-pool, stride 2, 'SAME' padding. (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C).
+
+  The values of `nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")`, as a max of four
+  strided views: its gradient is then a comparison mask, where reduce-window's is a
+  select-and-scatter that XLA:CPU lowers to index arithmetic (SimpleCNN's train step on 2
+  cores: 440 -> 510 images/s). Gradients are equal too, except that equal maxima in a window
+  share theirs rather than giving it all to the first (after a ReLU, ties at 0 get none).
+  """
+  odd = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
+  if odd[1][1] or odd[2][1]:
+    x = jnp.pad(x, odd, constant_values=-jnp.inf)
+  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+                     jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+
+
 class ConvBlock(nn.Module):
   """conv3x3 -> BN -> ReLU [-> max-pool 2x2] -> Standardize. (N, H, W, C) -> (N, H', W', features)."""
 
@@ -26,7 +42,7 @@ class ConvBlock(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
     x = nn.relu(x)
     if self.pool:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+      x = max_pool_2x2(x)
     return Standardize()(x)
 
 
