@@ -152,7 +152,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       reset_batch_stats=True,   # reinitialize running BN statistics of the reset units
       rescale_zero_init=False,  # also rescale zero-initialized leaves (sets them to zero)
       calibration_batches=4,    # training batches for the standardization statistics
-      keep_standardizations=False,  # keep earlier stages' standardizations on (LLF's LW does)
+      earlier_standardizations="off",  # earlier stages' standardizations: off, on (LLF's
+                                       # LW), fold (into the next unit's conv)
+      rescale_batch_stats=True,  # scale running BN statistics with their rescaled kernels
   ))
   config.llf = ml_collections.ConfigDict(dict(
       reset_from="-3",          # first reset unit: a name, or an index (-3: last two blocks + head)

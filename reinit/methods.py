@@ -145,9 +145,108 @@ def unit_mask(tree: PyTree, units: Sequence[str], chosen: Callable[[int], Any]) 
   return jax.tree.map(leaf, *per_unit)
 
 
+STANDARDIZATION_POLICIES = ("off", "on", "fold")
+# Models whose every unit feeds its input to exactly one conv (its first layer), the conv that
+# `earlier_standardizations="fold"` folds the standardization below it into.
+FOLDABLE_MODELS = ("simple_cnn", "vgg16")
+
+
+def _flat(tree: PyTree) -> dict[tuple[str, ...], Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _unflat(flat: dict[tuple[str, ...], Any]) -> PyTree:
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def kernel_scales(before: PyTree, after: PyTree) -> dict[tuple[str, ...], jax.Array]:
+  """`{module path: ‖after‖ / ‖before‖}` (f32 scalar) of every `kernel` leaf of two params trees.
+
+  1 where the kernel is unchanged (and where `before` is all zeros).
+  """
+  scales = {}
+  after_flat = _flat(after)
+  for path, old in _flat(before).items():
+    if path[-1] == "kernel":
+      old_norm = jnp.linalg.norm(old.astype(jnp.float32).ravel())
+      new_norm = jnp.linalg.norm(after_flat[path].astype(jnp.float32).ravel())
+      scales[path[:-1]] = jnp.where(old_norm > 0, new_norm / jnp.where(old_norm > 0, old_norm, 1),
+                                    1.0)
+  return scales
+
+
+def scale_batch_stats(batch_stats: PyTree, scales: dict[tuple[str, ...], jax.Array]) -> PyTree:
+  """Running statistics of each BatchNorm fed by a kernel scaled by s: mean × s, var × s².
+
+  A bias-free conv whose kernel is multiplied by s multiplies its outputs by s; scaling the
+  running mean and variance of the BatchNorm that follows it (paired by name, `Conv_0` with
+  `BatchNorm_0`, `conv1` with `bn1`) keeps that BatchNorm's evaluation-mode output as it was,
+  instead of leaving statistics that are stale until training has replaced them.
+
+  Args:
+    batch_stats: the `batch_stats` collection.
+    scales: `kernel_scales(...)`: module path (below the collection) -> scalar factor.
+  """
+  out = {}
+  for path, stat in _flat(batch_stats).items():
+    module, name = path[:-1], path[-1]
+    factor = next((s for conv, s in scales.items()
+                   if conv != module and transforms._pairs_with(conv, module)), None)  # pylint: disable=protected-access
+    if factor is None or name not in ("mean", "var"):
+      out[path] = stat
+    else:
+      out[path] = stat * (factor if name == "mean" else jnp.square(factor)).astype(stat.dtype)
+  return _unflat(out)
+
+
+def _only(items: list, what: str):
+  if len(items) != 1:
+    raise ValueError(f"lw.earlier_standardizations='fold' needs exactly one {what}, found "
+                     f"{len(items)}; accepted models: {', '.join(FOLDABLE_MODELS)}")
+  return items[0]
+
+
+def fold_standardizations(variables: PyTree, units: Sequence[str], k) -> PyTree:
+  """Folds each active standardization below a kept unit into that unit's conv.
+
+  For j with units[j+1] kept (j + 1 < k, k may be traced) and the standardization at the output
+  of units[j] active: the conv of units[j+1], which reads that output x, gets its kernel divided
+  per input channel by σ = sqrt(var + eps); its BatchNorm's running mean gets the constant
+  Σ_{h,w,c} W'[h,w,c,o]·μ_c that `(x - μ)/σ` subtracted. The unit then computes from x what it
+  computed from the standardized x (exactly in training mode, where BatchNorm removes the
+  constant; in evaluation mode up to the zero-padded borders). The flags are left as they are:
+  `lw_switch` switches them off afterwards. Units must hold one conv and one BatchNorm each.
+
+  Args:
+    variables: linen variables (params, batch_stats, norm).
+    units: `layer_order(model)`, head last.
+    k: the stage (int or traced int32).
+  """
+  from reinit.models.standardize import Standardize  # pylint: disable=g-import-not-at-top
+  params, stats, norm = _flat(variables["params"]), _flat(variables["batch_stats"]), \
+      _flat(variables[NORM_COLLECTION])
+  for j in range(len(units) - 2):  # the head never reads a kept unit's standardized output
+    lower, upper = units[j], units[j + 1]
+    (standardization,) = {p[1] for p in norm if p[0] == lower}
+    active = norm[(lower, standardization, "active")]
+    mean, var = norm[(lower, standardization, "mean")], norm[(lower, standardization, "var")]
+    kernel_path = _only([p for p in params if p[0] == upper and p[-1] == "kernel"
+                         and params[p].ndim == 4], f"conv kernel in unit {upper!r}")
+    mean_path = _only([p for p in stats if p[0] == upper and p[-1] == "mean"],
+                      f"BatchNorm in unit {upper!r}")
+    weight = active * (jnp.asarray(j + 1) < k).astype(jnp.float32)  # 1: fold, 0: leave
+    kernel = params[kernel_path]
+    folded = kernel / jnp.sqrt(var + Standardize.epsilon)[:, None].astype(kernel.dtype)
+    shift = jnp.einsum("hwco,c->o", folded, mean.astype(kernel.dtype))
+    params[kernel_path] = kernel + weight.astype(kernel.dtype) * (folded - kernel)
+    stats[mean_path] = stats[mean_path] + weight * shift.astype(stats[mean_path].dtype)
+  return {**variables, "params": _unflat(params), "batch_stats": _unflat(stats)}
+
+
 def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units: Sequence[str],
               rescale: bool = True, reset_batch_stats: bool = True,
-              rescale_zero_init: bool = False, keep_standardizations: bool = False) -> PyTree:
+              rescale_zero_init: bool = False, earlier_standardizations: str = "off",
+              rescale_batch_stats: bool = True) -> PyTree:
   """LW's transform before stage k: keep units[:k] rescaled, reinitialize units[k:].
 
   Args:
@@ -160,16 +259,25 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
     reset_batch_stats: reinitialize the running BatchNorm statistics of units[k:] too.
     rescale_zero_init: also rescale leaves whose init norm is zero (BatchNorm biases), which
       sets them to zero; by default they keep their trained values.
-    keep_standardizations: leave the standardizations switched on at earlier stages on (with
-      their statistics); by default every one is switched off.
+    earlier_standardizations: what happens to the standardizations switched on at earlier
+      stages: `off` (identity; the unit above then reads unstandardized outputs), `on` (kept
+      on with their statistics), `fold` (folded into the conv of the unit above, then off;
+      `fold_standardizations`).
+    rescale_batch_stats: scale the running statistics of the BatchNorms that follow rescaled
+      kernels with them (`scale_batch_stats`), so they are not stale after the rescale.
 
   Returns:
     The variables for stage k (the trainer then switches on the standardization at the output
-    of units[k-1] once it has statistics, see `calibrate_standardization`).
+    of units[k-1] once it has statistics, `Plan.calibrate_unit`).
   """
+  if earlier_standardizations not in STANDARDIZATION_POLICIES:
+    raise ValueError(f"lw.earlier_standardizations={earlier_standardizations!r} is unknown; "
+                     f"accepted: {', '.join(STANDARDIZATION_POLICIES)}")
   collections = ("params", "batch_stats") if reset_batch_stats else ("params",)
   above = unit_mask(variables, units, lambda i: i >= k)
   out = transforms.reinitialize(variables, fresh, _restrict(above, collections))
+  if earlier_standardizations == "fold":
+    out = fold_standardizations(out, units, k)
   if rescale:
     kept = unit_mask(out["params"], units, lambda i: i < k)
     rescaled = transforms.rescale(out["params"], memory["init_norms"], kept)
@@ -177,8 +285,16 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
       # Data-dependent but traced: the switch stays one jittable function of its inputs.
       rescaled = jax.tree.map(lambda new, old, norm: jnp.where(norm > _ZERO_NORM, new, old),
                               rescaled, out["params"], memory["init_norms"])
+    if rescale_batch_stats:
+      out = {**out, "batch_stats": scale_batch_stats(out["batch_stats"],
+                                                     kernel_scales(out["params"], rescaled))}
     out = {**out, "params": rescaled}
-  return out if keep_standardizations else deactivate_standardizations(out)
+  return out if earlier_standardizations == "on" else deactivate_standardizations(out)
+
+
+def changed(before: PyTree, after: PyTree) -> PyTree:
+  """Leaf mask: a traced bool scalar per leaf, True where any entry of the leaf changed."""
+  return jax.tree.map(lambda a, b: jnp.any(a != b), before, after)
 
 
 def unit_moments(apply_fn: Callable[..., Any], variables: PyTree, images: jax.Array,
@@ -360,14 +476,25 @@ def make_plan(config, units: Sequence[str]) -> Plan:
     lw = config.lw
     rescale = bool(lw.rescale) and name != "lw_norescale"
     normalize = bool(lw.normalize) and name != "lw_nonorm"
+    policy = lw.earlier_standardizations
+    if policy not in STANDARDIZATION_POLICIES:
+      raise ValueError(f"lw.earlier_standardizations={policy!r} is unknown; accepted: "
+                       f"{', '.join(STANDARDIZATION_POLICIES)}")
+    if policy == "fold" and config.model not in FOLDABLE_MODELS:
+      raise ValueError(f"lw.earlier_standardizations='fold' is not defined for "
+                       f"model={config.model!r}; accepted: off or on, or fold with a model in "
+                       f"{', '.join(FOLDABLE_MODELS)}")
 
     def switch(k, variables, fresh, memory, rng):
       del rng
       out = lw_switch(k, variables, fresh, memory, units=units, rescale=rescale,
                       reset_batch_stats=bool(lw.reset_batch_stats),
                       rescale_zero_init=bool(lw.rescale_zero_init),
-                      keep_standardizations=bool(lw.keep_standardizations))
-      return Switched(out, memory, unit_mask(variables["params"], units, lambda i: i >= k))
+                      earlier_standardizations=policy,
+                      rescale_batch_stats=bool(lw.rescale_batch_stats))
+      # Reset, rescaled and folded leaves alike: optimizer state kept for a rescaled kernel
+      # would push it at its old scale (`reset_optimizer=masked`).
+      return Switched(out, memory, changed(variables["params"], out["params"]))
 
     return repeated(begin=lambda variables, rng: {"init_norms": init_norms(variables)},
                     switch=switch,

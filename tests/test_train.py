@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,7 +57,11 @@ def test_lw_switch_matches_definition(lw_setup, k):
     if not kept:  # params and batch_stats of units[k:]: exactly the fresh draw
       np.testing.assert_array_equal(new, fr, err_msg=path)
     elif collection == "batch_stats":
-      np.testing.assert_array_equal(new, old, err_msg=path)
+      # Follows the block's conv kernel, rescaled by s: running mean x s, variance x s^2.
+      s = (np.linalg.norm(init["params"][unit]["Conv_0"]["kernel"])
+           / np.linalg.norm(trained["params"][unit]["Conv_0"]["kernel"]))
+      np.testing.assert_allclose(new, np.asarray(old) * (s if path.endswith("mean") else s * s),
+                                 rtol=1e-5, err_msg=path)
     elif np.linalg.norm(ini) <= 1e-6:  # zero-initialized (BN bias): kept as trained
       np.testing.assert_array_equal(new, old, err_msg=path)
     else:  # kept: rescaled to exactly its norm at init, same direction
@@ -200,11 +205,36 @@ def test_cli_user_errors_are_one_line(tmp_path, data_dir, args, words):
   assert not workdir.exists()  # nothing written
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_lw_keep_standardizations(lw_setup, keep):
-  _, _, init, units, trained, fresh = lw_setup
-  on = jax.tree.map(lambda x: x, trained)
-  on["norm"]["block0"]["Standardize_0"]["active"] = jnp.ones(())
+@pytest.mark.parametrize("policy", ["off", "on", "fold"])
+def test_lw_earlier_standardizations(lw_setup, policy):
+  model, x, init, units, trained, fresh = lw_setup
+  on = jax.tree.map(lambda v: v, trained)
+  mean = jnp.linspace(-0.5, 0.5, on["norm"]["block0"]["Standardize_0"]["mean"].shape[0])
+  var = jnp.linspace(0.5, 2.0, mean.shape[0])
+  on["norm"]["block0"]["Standardize_0"] = {"active": jnp.ones(()), "mean": mean, "var": var}
   out = methods.lw_switch(2, on, fresh, {"init_norms": methods.init_norms(init)}, units=units,
-                          keep_standardizations=keep)
-  assert float(out["norm"]["block0"]["Standardize_0"]["active"]) == (1.0 if keep else 0.0)
+                          rescale=False, earlier_standardizations=policy)
+  assert float(out["norm"]["block0"]["Standardize_0"]["active"]) == (1.0 if policy == "on"
+                                                                     else 0.0)
+  kernel = np.asarray(trained["params"]["block1"]["Conv_0"]["kernel"])
+  bn_mean = np.asarray(trained["batch_stats"]["block1"]["BatchNorm_0"]["mean"])
+  if policy != "fold":
+    np.testing.assert_array_equal(out["params"]["block1"]["Conv_0"]["kernel"], kernel)
+    return
+  # Folded by hand: W'[h, w, c, o] = W / sqrt(var_c + eps); BN mean + sum W' mean_c.
+  sigma = np.sqrt(np.asarray(var) + 1e-5)
+  folded = kernel / sigma[None, None, :, None]
+  np.testing.assert_allclose(out["params"]["block1"]["Conv_0"]["kernel"], folded, rtol=1e-6)
+  shift = (folded * np.asarray(mean)[None, None, :, None]).sum(axis=(0, 1, 2))
+  np.testing.assert_allclose(out["batch_stats"]["block1"]["BatchNorm_0"]["mean"],
+                             bn_mean + shift, rtol=1e-5, atol=1e-6)
+  # block1's conv computes from the raw block0 output what it computed from the standardized
+  # one, plus the constant now in the BatchNorm's mean (exact away from the zero-padded borders).
+  def block1_conv(variables):
+    _, captured = model.apply(variables, x, train=True, mutable=["batch_stats", "intermediates"],
+                              capture_intermediates=lambda m, _: isinstance(m, nn.Conv))
+    return np.asarray(captured["intermediates"]["block1"]["Conv_0"]["__call__"][0])
+  before = {**on, "params": trained["params"], "batch_stats": trained["batch_stats"]}
+  np.testing.assert_allclose(block1_conv(out)[:, 1:-1, 1:-1] - shift,
+                             block1_conv(before)[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+
