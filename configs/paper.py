@@ -9,14 +9,15 @@ Laptop (the README's main job; about 5 minutes on 2 CPU cores, offline):
   and the report (Tables 2 and 3, figures) in runs/digits/report.
 
 Cluster (12 datasets x 4 architectures x 12 methods x 3 seeds x 2-3 training-set sizes,
-4,752 runs; LW with ResNet-50 has 17 stages of 50 epochs):
+4,752 runs; LW with ResNet-50 has 18 stages of 50 epochs: its units are the stem, 16 blocks
+and the head, so K = 17 reinitializations):
 
   python -m launch.reproduce configs/paper.py:study=full --workdir=gs://BUCKET/paper --dry_run
 
   prints one `launch.main` command per run for a scheduler (launch/slurm_gpu.sh,
   launch/tpu_pod.sh); once they are done, `python -m reinit.report gs://BUCKET/paper` builds
   the report. The datasets must be prepared in `data_dir` (`tfds build`). Its cost has not been
-  measured: it is dominated by the 17-stage ResNet-50 runs on the whole splits; estimate it
+  measured: it is dominated by the 18-stage ResNet-50 runs on the whole splits; estimate it
   from `python -m launch.benchmark --model=resnet50 ...` (images/s) times the examples each
   run sees (`compute.examples_seen` in results.json).
 

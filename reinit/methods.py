@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reinit import transforms
 from reinit import tree as tree_lib
@@ -372,19 +373,67 @@ def _complement_in_mask(mask: PyTree) -> PyTree:
   return jax.tree.map(lambda m: False if isinstance(m, bool) else ~m, mask)
 
 
-def ke_fit_mask(key: jax.Array, params: PyTree, *, split_rate: float, granularity: str) -> PyTree:
-  """KE's fit hypothesis: `split_rate` of the kernel weights (or filters, with their per-channel
-  bias/BatchNorm entries) drawn once with `key`; True = kept across generations."""
-  return transforms.random_mask(key, params, fraction=split_rate, granularity=granularity)
+def kels_mask(params: PyTree, *, split_rate: float, units: Sequence[str]) -> PyTree:
+  """KE's kernel-level fit hypothesis (KELS, Taha et al. 2021): a slim network of leading channels.
+
+  Every conv kernel (H, W, C_in, C_out) keeps its leading ceil(r·C_in) x ceil(r·C_out) block
+  (the first layer, in units[0], all of its input channels: the image's); the head's kernel
+  (C_in, classes) its leading ceil(r·C_in) rows and every class, its bias every class; other
+  dense layers the leading block like convs, their biases the leading ceil(r·C_out) entries.
+  Because every layer keeps the *leading* channels, the kept channels line up from layer to
+  layer and across residual additions: the fit hypothesis is a self-contained network of
+  width r. BatchNorm and every other leaf are left alone (True: kept).
+
+  Args:
+    params: a bare `params` tree; its top-level names are the units.
+    split_rate: r in (0, 1].
+    units: `layer_order(model)`, head last.
+
+  Returns:
+    A mask over `params`: numpy bool arrays for kernels and biases, True elsewhere.
+  """
+  first, head = units[0], units[-1]
+
+  def slim(channels: int) -> int:
+    return int(np.ceil(split_rate * channels))
+
+  def leading(shape, counts):
+    mask = np.zeros(shape, np.bool_)
+    mask[tuple(slice(None, c) for c in counts)] = True
+    return mask
+
+  out = {}
+  flat = _flat(params)
+  for path, leaf in flat.items():
+    module, name, unit = path[:-1], path[-1], path[0]
+    has_kernel = (*module, "kernel") in flat
+    if name == "kernel" and leaf.ndim >= 2:
+      c_in, c_out = leaf.shape[-2:]
+      rows = c_in if unit == first and leaf.ndim == 4 else slim(c_in)
+      cols = c_out if unit == head else slim(c_out)
+      out[path] = leading(leaf.shape, (*leaf.shape[:-2], rows, cols))
+    elif name == "bias" and has_kernel:
+      out[path] = leading(leaf.shape, (leaf.shape[-1] if unit == head else slim(leaf.shape[-1]),))
+    else:
+      out[path] = True
+  return _unflat(out)
 
 
-def ke_switch(*, split_rate: float, granularity: str):
+def ke_fit_mask(key: jax.Array, params: PyTree, *, split_rate: float, granularity: str,
+                units: Sequence[str]) -> PyTree:
+  """KE's fit hypothesis, True = kept across generations: `weight` (WELS) draws `split_rate` of
+  every kernel's entries once with `key`; `filter` (KELS) is `kels_mask`, the same for every key."""
+  if granularity == "filter":
+    return kels_mask(params, split_rate=split_rate, units=units)
+  return transforms.random_mask(key, params, fraction=split_rate, granularity="weight")
+
+
+def ke_switch(*, split_rate: float, granularity: str, units: Sequence[str]):
   """Knowledge Evolution: reinitialize the reset hypothesis (complement of the fixed fit mask)."""
   def switch(k, variables, fresh, memory, rng):
     del k, rng
     fit = ke_fit_mask(jax.random.wrap_key_data(memory["split_key"]), variables["params"],
-                      split_rate=split_rate,
-                      granularity=granularity)
+                      split_rate=split_rate, granularity=granularity, units=units)
     reset = _complement_in_mask(fit)
     params = transforms.reinitialize(variables["params"], fresh["params"], reset)
     return Switched({**variables, "params": params}, memory, reset)
@@ -514,16 +563,20 @@ def make_plan(config, units: Sequence[str]) -> Plan:
     # Raw key data, not a typed key: memory is checkpointed as plain arrays.
     return repeated(begin=lambda variables, rng: {"split_key": jax.random.key_data(rng)},
                     switch=ke_switch(split_rate=float(config.ke.split_rate),
-                                     granularity=granularity))
+                                     granularity=granularity, units=units))
   if name == "rand":
     _check_fraction("rand.fraction", config.rand.fraction)
     return repeated(switch=rand_switch(fraction=float(config.rand.fraction)))
   if name == "sp":
     return repeated(switch=sp_switch(shrink=float(config.sp.shrink),
                                      perturb=float(config.sp.perturb)))
-  # dsd: dense, sparse, dense at a lower learning rate (Han et al. 2017).
+  # dsd: dense, sparse, dense at a lower learning rate (Han et al. 2017), in the epochs every
+  # other method gets (stages x epochs_per_stage), shared evenly; num_stages caps the phases.
   _check_fraction("dsd.sparsity", config.dsd.sparsity)
-  return Plan(name, (epochs,) * 3, (lr, lr, lr * float(config.dsd.lr_factor)),
+  phases = min(3, stages)
+  total = stages * epochs
+  return Plan(name, tuple(total // phases + (i < total % phases) for i in range(phases)),
+              (lr, lr, lr * float(config.dsd.lr_factor))[:phases],
               begin=dsd_begin, switch=dsd_switch(sparsity=float(config.dsd.sparsity)),
               holds_zeros=True)
 
