@@ -547,6 +547,8 @@ def test_analyze_end_to_end_with_label_noise():
   memo = out["memorization"]
   assert memo["corrupted_examples"] == 10 and memo["clean_examples"] == 30
   assert np.isfinite(out["hessian"]["eigenvalue"])
+  assert np.isfinite(out["hessian_folded"]["eigenvalue"]) and out["hessian_folded"]["examples"] == 32
+  assert "top Hessian eigenvalue (BN-folded)" in analyze_lib.summary(out)
   assert len(out["norms"]["layers"]) == 13  # 6 convs + 6 standardizations + head
 
 
