@@ -394,6 +394,15 @@ def test_bn_rescaling_scales_the_raw_hessian_by_one_over_c_squared_not_the_folde
   np.testing.assert_allclose(folded_c, folded, rtol=1e-4)
   # Noise relative to each tensor's norm scales with the tensor: invariant to this rescaling.
   np.testing.assert_allclose(noise_c, noise, rtol=1e-3)
+  # The raw weight norm moves with c, the BN-folded norms do not.
+  layers = analysis.find_linear_layers(model, variables, x[:1])
+  norms = analysis.norm_summary(analysis.layer_norms(layers, variables))
+  norms_c = analysis.norm_summary(analysis.layer_norms(layers, rescaled))
+  np.testing.assert_allclose(norms_c["sum_frobenius"], c * norms["sum_frobenius"], rtol=1e-5)
+  np.testing.assert_allclose(norms_c["sum_frobenius_folded"], norms["sum_frobenius_folded"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(norms_c["log10_product_spectral"], norms["log10_product_spectral"],
+                             atol=1e-5)
 
 
 def test_per_channel_bn_rescaling_leaves_the_folded_hessian_unchanged():
