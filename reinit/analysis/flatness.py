@@ -71,12 +71,13 @@ def folded_classification_loss(model: nn.Module, variables: PyTree,
   theta = `margins.folded_parameters(layers, variables)`, `layers` from `find_linear_layers`;
   `batch_loss(theta, batch)` runs `model` in eval mode on `margins.unfold_parameters(theta)`,
   so at theta it is the loss of `variables`. Only the params' shapes, the batch statistics of
-  unfolded BatchNorms and the other collections are held (no copy of the weights); jitted.
+  BatchNorms not folded into a layer and the other collections are held (no copy of the
+  weights: they would be constants of every compiled Hessian-vector product); jitted.
   """
-  theta = margins.folded_parameters(list(layers), variables)
+  layers = list(layers)
+  theta = margins.folded_parameters(layers, variables)
   skeleton = {**variables, "params": jax.tree.map(
       lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), variables["params"])}
-  layers = list(layers)
 
   @jax.jit
   def batch_loss(theta, batch):

@@ -28,6 +28,12 @@ this pairs `Conv_0`<->`BatchNorm_0` (SimpleCNN and VGG blocks), `conv1`<->`bn1`,
 `conv3`<->`bn3`, `shortcut_conv`<->`shortcut_bn` and `stem/conv`<->`stem/bn` (ResNets). The rule
 follows data flow, not names, so it works for any linen model.
 
+The BN-folded parameters (`folded_parameters`: every layer's W' and b', plus the params that
+belong to no layer) describe the eval-mode network without saying how each layer's scale is
+split between its kernel and its BatchNorm, so the folded norms, and sharpness measured in them
+(`flatness.folded_classification_loss`), are invariant to rescaling a kernel followed by
+BatchNorm; the raw sum of Frobenius norms is not (it moves with the kernel's scale).
+
 Left out of the product: ReLU and non-overlapping max-pooling (1-Lipschitz) and global average
 pooling (a constant 1/sqrt(HW) per architecture and input size). For plain CNNs the product is
 then an upper bound on the network's Lipschitz constant up to that constant; for ResNets it is
