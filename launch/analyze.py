@@ -14,7 +14,10 @@ writes RUN/analysis.json with (all in eval mode, float32):
                 spectral norms; their sum and product; the same totals at initialization
   flatness      training-loss increase under relative Gaussian weight noise per noise scale
                 (`--noise_scales`, `--draws`), over the first `--batches` training batches
-  hessian       top Hessian eigenvalue of that training loss (`--hessian_iterations`)
+  hessian       top Hessian eigenvalue of that training loss w.r.t. the params
+                (`--hessian_iterations`)
+  hessian_folded  the same w.r.t. the BN-folded parameters (each BatchNorm folded into its
+                conv/dense): invariant to rescaling a kernel followed by BatchNorm
   robustness    test accuracy with each unit in turn reset to its values at initialization
                 (the run's stage-0 init: for LW, not the fresh draw a unit last restarted from)
   memorization  when the run trained with `label_noise > 0` and the training batches carry

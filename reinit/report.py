@@ -15,7 +15,9 @@ and every `analysis.json` next to one (written by `launch.analyze`), and writes 
                            binomial (sign) test of wins vs losses (ties dropped) and its Holm
                            correction over the methods compared with one reference.
   analysis.md, .csv        the analyses per (dataset, model, train_examples, method), means over
-                           seeds: margins, norms, flatness, Hessian, memorization.
+                           seeds: margins, norms (BN-folded, then raw), flatness, Hessian
+                           (BN-folded, then raw), memorization; a legend says which measure is
+                           invariant to what.
   gain_vs_size.png         accuracy gain over baseline vs training-set size (log x), per method,
                            averaged over datasets and models.
   per_dataset.png          test accuracy per dataset and method, sem error bars; one panel per
@@ -326,11 +328,15 @@ def _analysis_row(path: str, analysis: dict, run_keys: dict) -> dict:
   margins, norms = analysis.get("margins") or {}, analysis.get("norms") or {}
   row["median_margin"] = (margins.get("train") or {}).get("median", np.nan)
   row["median_normalized_margin"] = (margins.get("train_normalized") or {}).get("median", np.nan)
+  # Column order is the table's: the BN-folded (function-level) measures before the raw ones.
+  row["sum_frobenius_folded"] = norms.get("sum_frobenius_folded", np.nan)
   row["log10_product_spectral"] = norms.get("log10_product_spectral", np.nan)
   row["sum_frobenius"] = norms.get("sum_frobenius", np.nan)
   flatness = analysis.get("flatness") or {}
   for sigma, mean in zip(flatness.get("noise_scales", []), flatness.get("mean", [])):
     row[f"loss_increase@{sigma:g}"] = mean
+  row["hessian_folded_top_eigenvalue"] = (analysis.get("hessian_folded") or {}).get(
+      "eigenvalue", np.nan)
   row["hessian_top_eigenvalue"] = (analysis.get("hessian") or {}).get("eigenvalue", np.nan)
   memorization = analysis.get("memorization") or {}
   for key in ("memorized", "corrupted_true_accuracy", "clean_accuracy"):
@@ -381,9 +387,11 @@ def analysis_table(analyses: pd.DataFrame) -> pd.DataFrame:
 _ANALYSIS_HEADERS = {
     "median_margin": "median margin",
     "median_normalized_margin": "median normalized margin",
-    "log10_product_spectral": "log10 Π‖W‖₂",
-    "sum_frobenius": "Σ‖W‖_F",
-    "hessian_top_eigenvalue": "top Hessian eigenvalue",
+    "sum_frobenius_folded": "Σ‖W̃‖_F (BN-folded)",
+    "log10_product_spectral": "log10 Π‖W̃‖₂ (BN-folded)",
+    "sum_frobenius": "Σ‖W‖_F (raw kernels)",
+    "hessian_folded_top_eigenvalue": "top Hessian eigenvalue (BN-folded)",
+    "hessian_top_eigenvalue": "top Hessian eigenvalue (raw params)",
     "memorized": "memorized (corrupted)",
     "corrupted_true_accuracy": "true label (corrupted)",
     "clean_accuracy": "accuracy (clean)",
@@ -407,11 +415,30 @@ def analysis_markdown(table: pd.DataFrame) -> str:
            r["method"], int(r["runs"])] + [_number(r[c]) for c in metrics]
           for _, r in table.iterrows()]
   return ("Analyses of the trained networks, means over analyzed seeds. Margins on the training "
-          "set (normalized: divided by the product of the spectral norms of the BN-folded "
-          "layers); Σ‖W‖_F over raw conv/dense kernels; Δloss: training-loss increase under "
-          "relative Gaussian weight noise of scale σ; memorization on label-noise runs.\n\n"
+          "set (normalized: divided by Π‖W̃‖₂); W̃: a conv/dense kernel with the BatchNorm after "
+          "it folded in (eval mode), W: the raw kernel; Δloss: training-loss increase under "
+          "Gaussian weight noise of scale σ relative to each tensor's norm; top Hessian "
+          "eigenvalue of the training loss w.r.t. the BN-folded parameters or the raw params; "
+          "memorization on label-noise runs.\n\n"
           + _markdown(header, rows, ["l", "l", "r"] + ["r"] * len(extra) + ["l"]
-                      + ["r"] * (len(header) - 4 - len(extra))))
+                      + ["r"] * (len(header) - 4 - len(extra)))
+          + "\n\n" + ANALYSIS_LEGEND)
+
+
+# What each measure is invariant to (tests/test_analysis.py checks the BN-rescaling claims on
+# the Hessians and Δloss; the rest follows from the definitions in reinit/analysis/margins.py).
+ANALYSIS_LEGEND = (
+    "Invariance. *BN rescaling*: a kernel followed by BatchNorm × c > 0 (whole tensor or per "
+    "output channel) with that BatchNorm's running mean × c and var + ε × c², which leaves the "
+    "eval-mode network unchanged (LW's rescaling of a kept kernel to its initial norm is one, "
+    "once the running statistics have caught up). "
+    "Invariant to it: margins, Π‖W̃‖₂ and the normalized margin, Σ‖W̃‖_F, the BN-folded top "
+    "Hessian eigenvalue. Δloss: invariant to a whole-tensor c (the noise is relative to the "
+    "tensor's norm), not to a per-channel c. Not invariant: Σ‖W‖_F (that kernel's term × c) "
+    "and the raw top Hessian eigenvalue (that kernel's block of the Hessian × 1/c²). "
+    "*ReLU rescaling*: one layer's W̃ and bias × c > 0, the next layer's W̃ × 1/c (the same "
+    "network): margins, Π‖W̃‖₂ and the normalized margin are invariant; Σ‖W̃‖_F and the "
+    "BN-folded Hessian are not.")
 
 
 # ---------------------------------------------------------------- figures

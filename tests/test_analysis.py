@@ -256,6 +256,169 @@ def test_hessian_top_eigenvalue_matches_jax_hessian():
   np.testing.assert_allclose(out["eigenvalue"], exact, rtol=1e-3)
 
 
+# ------------------------------------------------------------------ the BN-folded parametrization
+
+
+class TwoConvBN(nn.Module):
+  """conv3x3 (2 -> 4) - BN - ReLU - conv3x3 (4 -> 3) - BN - spatial mean [- Dense(3)].
+  (N, 4, 4, 2) -> (N, 3). Convs without bias; with `affine=False` the BatchNorms have no scale
+  or offset and there is no head, so the two kernels are the only params."""
+  affine: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def bn():
+      return nn.BatchNorm(use_running_average=not train, epsilon=1e-3, use_scale=self.affine,
+                          use_bias=self.affine)
+    x = nn.relu(bn()(nn.Conv(4, (3, 3), padding="SAME", use_bias=False)(x)))
+    x = jnp.mean(bn()(nn.Conv(3, (3, 3), padding="SAME", use_bias=False)(x)), axis=(1, 2))
+    return nn.Dense(3)(x) if self.affine else x
+
+
+def _two_conv_problem(affine):
+  model = TwoConvBN(affine=affine)
+  x = jax.random.normal(jax.random.key(0), (16, 4, 4, 2))
+  labels = jnp.arange(16) % 3
+  variables = unfreeze(model.init(jax.random.key(1), x))
+  variables["params"] = _random_like(variables["params"], jax.random.key(2), -1.0, 1.0)
+  variables["batch_stats"] = _random_like(variables["batch_stats"], jax.random.key(3))
+  batches = [{"image": x[:8], "label": labels[:8], "mask": jnp.ones(8)},
+             {"image": x[8:], "label": labels[8:], "mask": jnp.ones(8)}]
+  return model, variables, batches, x, labels
+
+
+def _rescaled(variables, conv, bn, c, epsilon=1e-3):
+  """The same eval-mode network with `conv`'s kernel times c (a scalar or per output channel):
+  BN eval is (z - mean) / sqrt(var + eps), so mean -> c mean and var + eps -> c^2 (var + eps)."""
+  out = jax.tree.map(lambda a: a, variables)
+  c = jnp.asarray(c, jnp.float32)
+  out["params"][conv]["kernel"] = variables["params"][conv]["kernel"] * c
+  stats = variables["batch_stats"][bn]
+  out["batch_stats"][bn] = {"mean": stats["mean"] * c,
+                            "var": c ** 2 * (stats["var"] + epsilon) - epsilon}
+  return out
+
+
+def test_folded_parameters_by_hand_and_unfold_gives_the_same_network():
+  model, variables, _, x, _ = _two_conv_problem(affine=True)
+  layers = analysis.find_linear_layers(model, variables, x[:1])
+  theta = analysis.folded_parameters(layers, variables)
+  for conv, bn in (("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1")):
+    gamma, beta = variables["params"][bn]["scale"], variables["params"][bn]["bias"]
+    stats = variables["batch_stats"][bn]
+    s = gamma / np.sqrt(stats["var"] + 1e-3)
+    np.testing.assert_allclose(theta["layers"][conv]["kernel"],
+                               variables["params"][conv]["kernel"] * s, rtol=1e-6)
+    np.testing.assert_allclose(theta["layers"][conv]["bias"], beta - s * stats["mean"],
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(theta["layers"]["Dense_0"]["bias"],
+                                variables["params"]["Dense_0"]["bias"])
+  assert theta["other"] == {}  # every param is a layer's or a folded BatchNorm's
+  unfolded = analysis.unfold_parameters(layers, variables, theta)
+  np.testing.assert_allclose(model.apply(unfolded, x), model.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(unfolded["params"]["BatchNorm_0"]["scale"], np.ones(4))
+
+
+def test_unfolded_simple_cnn_is_the_same_network():
+  model = get_model("simple_cnn", num_classes=10, width=0.25)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  variables = unfreeze(model.init(jax.random.key(1), x))
+  variables["params"] = _random_like(variables["params"], jax.random.key(2), -1.0, 1.0)
+  variables["batch_stats"] = _random_like(variables["batch_stats"], jax.random.key(3))
+  variables["norm"]["block2"]["Standardize_0"]["active"] = jnp.ones(())
+  layers = analysis.find_linear_layers(model, variables, x[:1], train=False)
+  unfolded = analysis.unfold_parameters(layers, variables,
+                                        analysis.folded_parameters(layers, variables))
+  expected = model.apply(variables, x, train=False)  # logits of order 1e3: float32 rounding
+  np.testing.assert_allclose(model.apply(unfolded, x, train=False), expected, rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_folded_hessian_matches_jax_hessian_of_the_folded_network_by_hand():
+  model, variables, batches, x, labels = _two_conv_problem(affine=False)
+  layers = analysis.find_linear_layers(model, variables, x[:1])
+  # The folded network written out: conv(W * s) + b' with s = 1 / sqrt(var + eps),
+  # b' = -s mean; ReLU; again; spatial mean. Its parameters (W1', b1', W2', b2') by hand.
+  folded = []
+  for conv, bn in (("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1")):
+    stats = variables["batch_stats"][bn]
+    s = 1.0 / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-3)
+    folded += [np.asarray(variables["params"][conv]["kernel"]) * s, -s * stats["mean"]]
+  flat, unravel = ravel_pytree([jnp.asarray(a, jnp.float32) for a in folded])
+
+  def conv(z, kernel):
+    return jax.lax.conv_general_dilated(z, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def loss(theta):
+    w1, b1, w2, b2 = unravel(theta)
+    logits = jnp.mean(conv(jax.nn.relu(conv(x, w1) + b1), w2) + b2, axis=(1, 2))
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), labels])
+
+  eigenvalues = np.linalg.eigvalsh(np.asarray(jax.hessian(loss)(flat), np.float64))
+  exact = eigenvalues[np.argmax(np.abs(eigenvalues))]  # power iteration: largest magnitude
+  batch_loss, theta = analysis.folded_classification_loss(model, variables, layers)
+  np.testing.assert_allclose(analysis.mean_loss(batch_loss, theta, batches), loss(flat),
+                             rtol=1e-5)
+  out = analysis.hessian_top_eigenvalue(batch_loss, theta, batches, key=jax.random.key(0),
+                                        iterations=300)
+  np.testing.assert_allclose(out["eigenvalue"], exact, rtol=1e-3)
+
+
+def _sharpness(model, variables, batches, x):
+  """(raw top Hessian eigenvalue, BN-folded one, loss increases under relative noise)."""
+  key = jax.random.key(5)
+  raw = analysis.hessian_top_eigenvalue(analysis.classification_loss(model, variables),
+                                        variables["params"], batches, key=key, iterations=30)
+  layers = analysis.find_linear_layers(model, variables, x[:1])
+  batch_loss, theta = analysis.folded_classification_loss(model, variables, layers)
+  folded = analysis.hessian_top_eigenvalue(batch_loss, theta, batches, key=key, iterations=30)
+  noise = analysis.loss_increase(analysis.classification_loss(model, variables),
+                                 variables["params"], batches, key=key,
+                                 noise_scales=(0.1, 0.3), draws=2)
+  return raw["eigenvalue"], folded["eigenvalue"], np.array(noise["mean"])
+
+
+def test_bn_rescaling_scales_the_raw_hessian_by_one_over_c_squared_not_the_folded_one():
+  model, variables, batches, x, _ = _two_conv_problem(affine=False)
+  c = 3.0
+  rescaled = _rescaled(_rescaled(variables, "Conv_0", "BatchNorm_0", c),
+                       "Conv_1", "BatchNorm_1", c)
+  np.testing.assert_allclose(model.apply(rescaled, x), model.apply(variables, x),
+                             rtol=1e-4, atol=1e-5)  # the same function
+  raw, folded, noise = _sharpness(model, variables, batches, x)
+  raw_c, folded_c, noise_c = _sharpness(model, rescaled, batches, x)
+  # The kernels are the only params and L_c(V) = L(V / c): H_c = H / c^2.
+  np.testing.assert_allclose(raw_c, raw / c ** 2, rtol=1e-3)
+  np.testing.assert_allclose(folded_c, folded, rtol=1e-4)
+  # Noise relative to each tensor's norm scales with the tensor: invariant to this rescaling.
+  np.testing.assert_allclose(noise_c, noise, rtol=1e-3)
+  # The raw weight norm moves with c, the BN-folded norms do not.
+  layers = analysis.find_linear_layers(model, variables, x[:1])
+  norms = analysis.norm_summary(analysis.layer_norms(layers, variables))
+  norms_c = analysis.norm_summary(analysis.layer_norms(layers, rescaled))
+  np.testing.assert_allclose(norms_c["sum_frobenius"], c * norms["sum_frobenius"], rtol=1e-5)
+  np.testing.assert_allclose(norms_c["sum_frobenius_folded"], norms["sum_frobenius_folded"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(norms_c["log10_product_spectral"], norms["log10_product_spectral"],
+                             atol=1e-5)
+
+
+def test_per_channel_bn_rescaling_leaves_the_folded_hessian_unchanged():
+  model, variables, batches, x, _ = _two_conv_problem(affine=True)
+  c = jnp.array([0.2, 1.0, 3.0, 10.0])  # one factor per output channel of Conv_0
+  rescaled = _rescaled(variables, "Conv_0", "BatchNorm_0", c)
+  np.testing.assert_allclose(model.apply(rescaled, x), model.apply(variables, x),
+                             rtol=1e-4, atol=1e-5)
+  raw, folded, noise = _sharpness(model, variables, batches, x)
+  raw_c, folded_c, noise_c = _sharpness(model, rescaled, batches, x)
+  np.testing.assert_allclose(folded_c, folded, rtol=1e-4)
+  assert abs(raw_c / raw - 1.0) > 0.1
+  # Per-tensor relative noise is not invariant to a per-channel rescaling.
+  assert np.max(np.abs(noise_c / noise - 1.0)) > 0.1
+
+
 # ------------------------------------------------------------------ robustness, memorization
 
 
@@ -393,6 +556,8 @@ def test_analyze_end_to_end_with_label_noise():
   memo = out["memorization"]
   assert memo["corrupted_examples"] == 10 and memo["clean_examples"] == 30
   assert np.isfinite(out["hessian"]["eigenvalue"])
+  assert np.isfinite(out["hessian_folded"]["eigenvalue"]) and out["hessian_folded"]["examples"] == 32
+  assert "top Hessian eigenvalue (BN-folded)" in analyze_lib.summary(out)
   assert len(out["norms"]["layers"]) == 13  # 6 convs + 6 standardizations + head
 
 

@@ -77,11 +77,16 @@ def _write_run(root, dataset, model, size, method, seed, accuracy, config=None, 
   return run_dir
 
 
-def _analysis(margin, sum_frobenius, increases, eigenvalue):
-  return {"margins": {"train": {"median": margin}, "train_normalized": {"median": margin / 100}},
-          "norms": {"log10_product_spectral": 2.0, "sum_frobenius": sum_frobenius},
-          "flatness": {"noise_scales": [0.01, 0.1], "mean": increases},
-          "hessian": {"eigenvalue": eigenvalue}, "memorization": None}
+def _analysis(margin, sum_frobenius, increases, eigenvalue, folded_eigenvalue=None):
+  """An analysis.json; without `folded_eigenvalue`, one written before `hessian_folded`."""
+  out = {"margins": {"train": {"median": margin}, "train_normalized": {"median": margin / 100}},
+         "norms": {"log10_product_spectral": 2.0, "sum_frobenius": sum_frobenius,
+                   "sum_frobenius_folded": sum_frobenius / 10},
+         "flatness": {"noise_scales": [0.01, 0.1], "mean": increases},
+         "hessian": {"eigenvalue": eigenvalue}, "memorization": None}
+  if folded_eigenvalue is not None:
+    out["hessian_folded"] = {"eigenvalue": folded_eigenvalue}
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +100,9 @@ def results_tree(tmp_path_factory):
         if dataset == "digits" and method in ("baseline", "lw") and seed < 2:
           margin = {"baseline": 2.0, "lw": 5.0}[method] + seed  # means 2.5 and 5.5
           with open(os.path.join(run_dir, "analysis.json"), "w") as f:
-            json.dump(_analysis(margin, 50.0 + seed, [0.01 * (seed + 1), 0.5], 100.0), f)
+            folded = 3.0 + seed if method == "lw" else None  # baseline: older files
+            json.dump(_analysis(margin, 50.0 + seed, [0.01 * (seed + 1), 0.5], 100.0, folded),
+                      f)
   broken = os.path.join(root, "broken")
   os.makedirs(broken)
   with open(os.path.join(broken, "results.json"), "w") as f:
@@ -187,6 +194,30 @@ def test_analysis_table_means_over_seeds(built):
   assert lw["loss_increase@0.01"] == pytest.approx(0.015)
   assert "median normalized margin" in built["markdown"]["analysis"]
   assert "memorized" not in built["markdown"]["analysis"]  # no label-noise run: column dropped
+  assert lw["sum_frobenius_folded"] == pytest.approx(5.05)
+  assert lw["hessian_folded_top_eigenvalue"] == pytest.approx(3.5)
+  baseline = table.loc[("digits", "simple_cnn", 200, "baseline")]
+  assert np.isnan(baseline["hessian_folded_top_eigenvalue"])  # an analysis.json without it
+
+
+def test_analysis_markdown_leads_with_the_bn_folded_measures_and_says_what_is_invariant(built):
+  lines = built["markdown"]["analysis"].splitlines()
+  header = next(l for l in lines if l.startswith("| dataset"))
+  columns = [c.strip() for c in header.strip("|").split("|")]
+  # The primary norm is the BN-folded one; the raw Σ‖W‖_F is a labelled secondary column.
+  assert columns.index("Σ‖W̃‖_F (BN-folded)") < columns.index("Σ‖W‖_F (raw kernels)")
+  assert (columns.index("top Hessian eigenvalue (BN-folded)")
+          < columns.index("top Hessian eigenvalue (raw params)"))
+  lw_row = next(l for l in lines if "| lw |" in l)
+  cells = [c.strip() for c in lw_row.strip("|").split("|")]
+  assert cells[columns.index("Σ‖W̃‖_F (BN-folded)")] == "5.05"
+  assert cells[columns.index("Σ‖W‖_F (raw kernels)")] == "50.5"
+  baseline_row = next(l for l in lines if "| baseline |" in l)
+  cells = [c.strip() for c in baseline_row.strip("|").split("|")]
+  assert cells[columns.index("top Hessian eigenvalue (BN-folded)")] == "–"
+  legend = lines[-1]  # the legend is under the table
+  assert legend.startswith("Invariance.") and "BN-folded top Hessian eigenvalue" in legend
+  assert "Σ‖W‖_F (that kernel's term × c)" in legend and "1/c²" in legend
 
 
 def test_figures_are_written(built):

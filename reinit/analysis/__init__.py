@@ -7,6 +7,7 @@ run and writes `WORKDIR/analysis.json`; `reinit.report` tabulates them.
 """
 
 from reinit.analysis.flatness import classification_loss
+from reinit.analysis.flatness import folded_classification_loss
 from reinit.analysis.flatness import hessian_top_eigenvalue
 from reinit.analysis.flatness import hessian_vector_product
 from reinit.analysis.flatness import loss_increase
@@ -19,6 +20,7 @@ from reinit.analysis.margins import find_linear_layers
 from reinit.analysis.margins import fold_batchnorm
 from reinit.analysis.margins import gaussian_start
 from reinit.analysis.margins import folded_kernel
+from reinit.analysis.margins import folded_parameters
 from reinit.analysis.margins import layer_norms
 from reinit.analysis.margins import LinearLayer
 from reinit.analysis.margins import logit_margins
@@ -26,6 +28,7 @@ from reinit.analysis.margins import margin_statistics
 from reinit.analysis.margins import norm_summary
 from reinit.analysis.margins import normalize_margins
 from reinit.analysis.margins import operator_spectral_norm
+from reinit.analysis.margins import unfold_parameters
 from reinit.analysis.memorization import memorization_metrics
 from reinit.analysis.robustness import layer_robustness
 from reinit.analysis.robustness import reset_unit
@@ -39,7 +42,9 @@ __all__ = [
     "find_linear_layers",
     "fold_batchnorm",
     "gaussian_start",
+    "folded_classification_loss",
     "folded_kernel",
+    "folded_parameters",
     "hessian_top_eigenvalue",
     "hessian_vector_product",
     "layer_norms",
@@ -54,4 +59,5 @@ __all__ = [
     "operator_spectral_norm",
     "perturb",
     "reset_unit",
+    "unfold_parameters",
 ]

@@ -17,6 +17,15 @@ Sharpness is also measured by the top eigenvalue of the Hessian of that loss wit
 params, by power iteration on Hessian-vector products (`jax.jvp` of `jax.grad`), accumulated
 batch by batch so memory is that of one batch.
 
+The raw Hessian is not a property of the function alone: a kernel followed by BatchNorm can be
+multiplied by c (its BatchNorm's running mean by c, var + eps by c^2) without changing the
+eval-mode network, and that block of the Hessian then scales by 1/c^2 (LW rescales the kept
+kernels to their initial norms). `folded_classification_loss` gives the same loss as a function
+of the BN-folded parameters (`margins.folded_parameters`), in which that rescaling, per tensor
+or per output channel, is no change at all; its top Hessian eigenvalue is the invariant
+sharpness. The relative noise above is invariant to a whole tensor's scale (the noise scales
+with it) but not to a per-channel one.
+
 Losses are given as `batch_loss(params, batch) -> (sum of per-example losses, example count)`
 so that padded batches (a `mask`) average correctly; `classification_loss` builds one for a
 linen classifier.
@@ -30,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from reinit.analysis import margins
 
 PyTree = Any
 BatchLoss = Callable[[PyTree, dict], tuple[jax.Array, jax.Array]]
@@ -51,6 +62,32 @@ def classification_loss(model: nn.Module, variables: PyTree) -> BatchLoss:
     mask = batch.get("mask", jnp.ones_like(losses))
     return jnp.sum(losses * mask), jnp.sum(mask)
   return batch_loss
+
+
+def folded_classification_loss(model: nn.Module, variables: PyTree,
+                               layers: Sequence[margins.LinearLayer]) -> tuple[BatchLoss, dict]:
+  """(batch_loss, theta): `classification_loss` as a function of the BN-folded parameters.
+
+  theta = `margins.folded_parameters(layers, variables)`, `layers` from `find_linear_layers`;
+  `batch_loss(theta, batch)` runs `model` in eval mode on `margins.unfold_parameters(theta)`,
+  so at theta it is the loss of `variables`. Only the params' shapes, the batch statistics of
+  BatchNorms not folded into a layer and the other collections are held (no copy of the
+  weights: they would be constants of every compiled Hessian-vector product); jitted.
+  """
+  layers = list(layers)
+  theta = margins.folded_parameters(layers, variables)
+  skeleton = {**variables, "params": jax.tree.map(
+      lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)), variables["params"])}
+
+  @jax.jit
+  def batch_loss(theta, batch):
+    unfolded = margins.unfold_parameters(layers, skeleton, theta)
+    logits = model.apply(unfolded, batch["image"], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                             batch["label"])
+    mask = batch.get("mask", jnp.ones_like(losses))
+    return jnp.sum(losses * mask), jnp.sum(mask)
+  return batch_loss, theta
 
 
 def mean_loss(batch_loss: BatchLoss, params: PyTree, batches: Sequence[dict]) -> float:

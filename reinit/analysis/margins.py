@@ -28,6 +28,12 @@ this pairs `Conv_0`<->`BatchNorm_0` (SimpleCNN and VGG blocks), `conv1`<->`bn1`,
 `conv3`<->`bn3`, `shortcut_conv`<->`shortcut_bn` and `stem/conv`<->`stem/bn` (ResNets). The rule
 follows data flow, not names, so it works for any linen model.
 
+The BN-folded parameters (`folded_parameters`: every layer's W' and b', plus the params that
+belong to no layer) describe the eval-mode network without saying how each layer's scale is
+split between its kernel and its BatchNorm, so the folded norms, and sharpness measured in them
+(`flatness.folded_classification_loss`), are invariant to rescaling a kernel followed by
+BatchNorm; the raw sum of Frobenius norms is not (it moves with the kernel's scale).
+
 Left out of the product: ReLU and non-overlapping max-pooling (1-Lipschitz) and global average
 pooling (a constant 1/sqrt(HW) per architecture and input size). For plain CNNs the product is
 then an upper bound on the network's Lipschitz constant up to that constant; for ResNets it is
@@ -40,6 +46,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,8 +179,12 @@ def find_linear_layers(model: nn.Module, variables: PyTree, x: jax.Array,
 # ---------------------------------------------------------------- folding and spectral norms
 
 
-def _get(tree: PyTree, path: str) -> PyTree:
+def _get(tree: PyTree, path: str, default=None) -> PyTree:
+  """The subtree at `path`; `default` (when given) if it is missing, e.g. the params of a
+  BatchNorm without scale and offset."""
   for part in path.split("/"):
+    if default is not None and part not in tree:
+      return default
     tree = tree[part]
   return tree
 
@@ -201,12 +212,102 @@ def folded_kernel(layer: LinearLayer, variables: PyTree) -> tuple[jax.Array, jax
   kernel = jnp.asarray(params["kernel"], jnp.float32)
   if layer.batchnorm is None:
     return kernel, kernel
-  bn_params = _get(variables["params"], layer.batchnorm)
+  bn_params = _get(variables["params"], layer.batchnorm, {})
   bn_stats = _get(variables["batch_stats"], layer.batchnorm)
   folded, _ = fold_batchnorm(kernel, params.get("bias"), scale=bn_params.get("scale"),
                              offset=bn_params.get("bias"), mean=bn_stats["mean"],
                              var=bn_stats["var"], epsilon=layer.bn_epsilon)
   return kernel, folded
+
+
+# ---------------------------------------------------------------- the BN-folded parametrization
+
+
+def folded_parameters(layers: list[LinearLayer], variables: PyTree) -> dict:
+  """The eval-mode network's parameters with every BatchNorm folded into its conv/dense.
+
+  theta = {'layers': {path: {'kernel': W', 'bias': b'}}, 'other': {leaf path: value}}:
+  for each conv/dense of `layers` (`find_linear_layers`), W' = W * s and b' = s (b - mu) + beta
+  (`fold_batchnorm`) when a BatchNorm is folded into it, else its own kernel (and bias, when it
+  has one); 'other' holds every params leaf that is neither a layer's kernel/bias nor a folded
+  BatchNorm's scale/offset, keyed by its `/`-joined path. Float32 leaves.
+
+  theta is a function of the eval-mode network alone, not of how its scale is split between a
+  kernel and the BatchNorm after it: W -> c W (c a scalar or per output channel) with running
+  mean -> c mean and var + eps -> c^2 (var + eps) gives the same theta. `unfold_parameters` maps
+  theta back to variables.
+  """
+  params = variables["params"]
+  used, folded = set(), {}
+  for layer in layers:
+    if layer.kind == "standardize":
+      continue
+    layer_params = _get(params, layer.path)
+    used |= {f"{layer.path}/kernel", f"{layer.path}/bias"}
+    kernel = jnp.asarray(layer_params["kernel"], jnp.float32)
+    bias = layer_params.get("bias")
+    if layer.batchnorm is None:
+      folded[layer.path] = {"kernel": kernel}
+      if bias is not None:
+        folded[layer.path]["bias"] = jnp.asarray(bias, jnp.float32)
+      continue
+    bn_params = _get(params, layer.batchnorm, {})
+    bn_stats = _get(variables["batch_stats"], layer.batchnorm)
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
+    kernel, bias = fold_batchnorm(kernel, f32(bias), scale=f32(bn_params.get("scale")),
+                                  offset=f32(bn_params.get("bias")),
+                                  mean=f32(bn_stats["mean"]), var=f32(bn_stats["var"]),
+                                  epsilon=layer.bn_epsilon)
+    folded[layer.path] = {"kernel": kernel, "bias": bias}
+    used |= {f"{layer.batchnorm}/scale", f"{layer.batchnorm}/bias"}
+  flat = traverse_util.flatten_dict(params, sep="/")
+  other = {k: jnp.asarray(v, jnp.float32) for k, v in flat.items() if k not in used}
+  return {"layers": folded, "other": other}
+
+
+def unfold_parameters(layers: list[LinearLayer], variables: PyTree, theta: dict) -> PyTree:
+  """Variables whose eval-mode network is the folded network of theta (`folded_parameters`).
+
+  Each conv/dense gets W' as its kernel; where a BatchNorm was folded in, the layer's own bias
+  and the BatchNorm's offset are 0, its scale 1, its running var 1 - eps and its running mean
+  -b', so that it adds b' and nothing else. Of `variables` only the params' shapes and dtypes,
+  the batch statistics of BatchNorms not folded into a layer, and the other collections are
+  used: every params leaf comes from theta or is one of those constants (a ValueError names
+  any that would not), so `variables["params"]` may hold `jax.ShapeDtypeStruct`s.
+  """
+  shapes = traverse_util.flatten_dict(variables["params"], sep="/")
+  stats = dict(traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/"))
+  flat = {}
+
+  def constant(key, value):
+    if key in shapes:
+      flat[key] = jnp.full(shapes[key].shape, value, shapes[key].dtype)
+
+  for layer in layers:
+    if layer.kind == "standardize":
+      continue
+    entry = theta["layers"][layer.path]
+    flat[f"{layer.path}/kernel"] = entry["kernel"]
+    if layer.batchnorm is None:
+      if "bias" in entry:
+        flat[f"{layer.path}/bias"] = entry["bias"]
+      continue
+    if not layer.bn_epsilon < 1.0:
+      raise ValueError(f"unfold_parameters: BatchNorm {layer.batchnorm} has epsilon "
+                       f"{layer.bn_epsilon}; folding needs epsilon < 1")
+    constant(f"{layer.path}/bias", 0.0)
+    constant(f"{layer.batchnorm}/scale", 1.0)
+    constant(f"{layer.batchnorm}/bias", 0.0)
+    stats[f"{layer.batchnorm}/mean"] = -entry["bias"]
+    stats[f"{layer.batchnorm}/var"] = jnp.full_like(entry["bias"], 1.0 - layer.bn_epsilon)
+  flat.update(theta["other"])
+  missing = sorted(set(shapes) - set(flat))
+  if missing:
+    raise ValueError(f"unfold_parameters: params {missing} are not in theta")
+  out = {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
+  if stats:
+    out["batch_stats"] = traverse_util.unflatten_dict(stats, sep="/")
+  return out
 
 
 def standardize_scales(layer: LinearLayer, variables: PyTree) -> jax.Array:

@@ -7,7 +7,7 @@ memorization). This module imports TensorFlow (through the data pipeline) when i
 
 import time
 
-ANALYSES = ("margins", "flatness", "hessian", "robustness", "memorization")
+ANALYSES = ("margins", "flatness", "hessian", "hessian_folded", "robustness", "memorization")
 ANALYSIS_FILE = "analysis.json"
 DEFAULTS = dict(noise_scales=(0.001, 0.003, 0.01, 0.03, 0.1), draws=5, batches=8,
                 power_iterations=100, hessian_iterations=50, seed=0)
@@ -112,7 +112,7 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
     out["norms"] = norms
     out["norms_init"] = {k: v for k, v in init_norms.items() if k != "layers"}
 
-  if "flatness" in analyses or "hessian" in analyses:
+  if {"flatness", "hessian", "hessian_folded"} & set(analyses):
     loss_batches = _first_batches(train_ds, batches)
     batch_loss = analysis.classification_loss(model, final)
     examples = int(sum(float(b["mask"].sum()) for b in loss_batches))
@@ -127,6 +127,15 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
                                                         key=jax.random.fold_in(key, 3),
                                                         iterations=hessian_iterations),
                       "examples": examples}
+  if "hessian_folded" in analyses:
+    # Invariant to how each layer's scale is split between its kernel and its BatchNorm.
+    layers = analysis.find_linear_layers(model, final, jnp.asarray(first["image"][:1]),
+                                         train=False)
+    folded_loss, theta = analysis.folded_classification_loss(model, final, layers)
+    out["hessian_folded"] = {**analysis.hessian_top_eigenvalue(folded_loss, theta, loss_batches,
+                                                               key=jax.random.fold_in(key, 4),
+                                                               iterations=hessian_iterations),
+                             "examples": examples}
 
   if "robustness" in analyses:
     units = r.get("units") or reinit.layer_order(model, key, jnp.asarray(first["image"][:1]),
@@ -149,17 +158,19 @@ def summary(result: dict) -> str:
   if "margins" in result:
     lines.append(f"  median train margin {result['margins']['train']['median']:.4g}, "
                  f"normalized {result['margins']['train_normalized']['median']:.4g}; "
-                 f"sum ||W||_F {result['norms']['sum_frobenius']:.4g}, "
-                 f"log10 prod ||W||_2 {result['norms']['log10_product_spectral']:.4g}")
+                 f"BN-folded: sum ||W||_F {result['norms']['sum_frobenius_folded']:.4g}, "
+                 f"log10 prod ||W||_2 {result['norms']['log10_product_spectral']:.4g}; "
+                 f"raw sum ||W||_F {result['norms']['sum_frobenius']:.4g}")
   if "flatness" in result:
     pairs = zip(result["flatness"]["noise_scales"], result["flatness"]["mean"])
     lines.append("  loss increase " + ", ".join(f"{s:g}: {m:.4g}" for s, m in pairs))
-  if "hessian" in result:
-    hessian = result["hessian"]
-    converged = ("" if hessian["relative_change"] < 1e-3 else
-                 f" (not converged: last relative change {hessian['relative_change']:.2g}; "
-                 "raise --hessian_iterations)")
-    lines.append(f"  top Hessian eigenvalue {hessian['eigenvalue']:.4g}{converged}")
+  for name, what in (("hessian", "raw"), ("hessian_folded", "BN-folded")):
+    if name in result:
+      hessian = result[name]
+      converged = ("" if hessian["relative_change"] < 1e-3 else
+                   f" (not converged: last relative change {hessian['relative_change']:.2g}; "
+                   "raise --hessian_iterations)")
+      lines.append(f"  top Hessian eigenvalue ({what}) {hessian['eigenvalue']:.4g}{converged}")
   if "robustness" in result:
     drops = ", ".join(f"{u['unit']} {u['drop']:+.3f}" for u in result["robustness"]["units"])
     lines.append(f"  accuracy drop when reset: {drops}")
