@@ -150,7 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rescale=True,             # rescale kept units to their norms at initialization
       normalize=True,           # standardize the output of the top kept unit
       reset_batch_stats=True,   # reinitialize running BN statistics of the reset units
-      rescale_zero_init=False,  # also rescale zero-initialized leaves (sets them to zero)
+      rescale_zero_init=True,   # zero-initialized leaves (BN biases) to zero, as LLF's LW does
       calibration_batches=4,    # training batches for the standardization statistics
       earlier_standardizations="off",  # earlier stages' standardizations: off, on (LLF's
                                        # LW), fold (into the next unit's conv)

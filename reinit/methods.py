@@ -246,7 +246,7 @@ def fold_standardizations(variables: PyTree, units: Sequence[str], k) -> PyTree:
 
 def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units: Sequence[str],
               rescale: bool = True, reset_batch_stats: bool = True,
-              rescale_zero_init: bool = False, earlier_standardizations: str = "off",
+              rescale_zero_init: bool = True, earlier_standardizations: str = "off",
               rescale_batch_stats: bool = True) -> PyTree:
   """LW's transform before stage k: keep units[:k] rescaled, reinitialize units[k:].
 
@@ -259,7 +259,8 @@ def lw_switch(k: int, variables: PyTree, fresh: PyTree, memory: PyTree, *, units
     rescale: rescale the kept units' params to their norms at initialization.
     reset_batch_stats: reinitialize the running BatchNorm statistics of units[k:] too.
     rescale_zero_init: also rescale leaves whose init norm is zero (BatchNorm biases), which
-      sets them to zero; by default they keep their trained values.
+      sets them to zero (the default, as LLF's re-implementation does); False keeps their
+      trained values.
     earlier_standardizations: what happens to the standardizations switched on at earlier
       stages: `off` (identity; the unit above then reads unstandardized outputs), `on` (kept
       on with their statistics), `fold` (folded into the conv of the unit above, then off;

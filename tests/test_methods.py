@@ -365,7 +365,7 @@ def test_paper_config_states_the_stage_counts_layer_order_gives():
 
 
 def _lw_expected(k, trained, fresh, init, *, rescale=True, reset_batch_stats=True,
-                 rescale_zero_init=False):
+                 rescale_zero_init=True):
   """LW's switch written from its definition (README, Methods), leaf by leaf, in numpy."""
   def unit_of(path):
     return path.split("/")[1]
@@ -396,7 +396,7 @@ def _lw_expected(k, trained, fresh, init, *, rescale=True, reset_batch_stats=Tru
     ("lw", {}),
     ("lw_norescale", {}),
     ("lw_nonorm", {}),
-    ("lw", {"lw.rescale_zero_init": True}),
+    ("lw", {"lw.rescale_zero_init": False}),
     ("lw", {"lw.reset_batch_stats": False}),
 ])
 def test_lw_variants_under_a_traced_stage_match_their_definition(setup, method, knobs):
@@ -406,7 +406,7 @@ def test_lw_variants_under_a_traced_stage_match_their_definition(setup, method, 
   memory = plan.begin(init, jax.random.key(3))
   definition = dict(rescale=method != "lw_norescale",
                     reset_batch_stats=knobs.get("lw.reset_batch_stats", True),
-                    rescale_zero_init=knobs.get("lw.rescale_zero_init", False))
+                    rescale_zero_init=knobs.get("lw.rescale_zero_init", True))
   for k in (1, 4):
     switched = _switch(plan, k, trained, fresh, memory)
     expected = _lw_expected(k, trained, fresh, init, **definition)
@@ -427,7 +427,7 @@ def trained_leaf(trained, path):
 
 def test_masked_optimizer_policy_resets_lw_rescaled_units(setup):
   _, _, init, trained, fresh = setup
-  plan = _plan("lw")
+  plan = _plan("lw", **{"lw.rescale_zero_init": False})  # BN biases of kept units unchanged
   switched = _switch(plan, 2, trained, fresh, plan.begin(init, jax.random.key(0)))
   tx = train.make_optimizer(digits_config.get_config())
   opt_state = tx.init(trained["params"])

@@ -62,8 +62,8 @@ def test_lw_switch_matches_definition(lw_setup, k):
            / np.linalg.norm(trained["params"][unit]["Conv_0"]["kernel"]))
       np.testing.assert_allclose(new, np.asarray(old) * (s if path.endswith("mean") else s * s),
                                  rtol=1e-5, err_msg=path)
-    elif np.linalg.norm(ini) <= 1e-6:  # zero-initialized (BN bias): kept as trained
-      np.testing.assert_array_equal(new, old, err_msg=path)
+    elif np.linalg.norm(ini) <= 1e-6:  # zero-initialized (BN bias): rescaled to zero
+      np.testing.assert_array_equal(new, np.zeros_like(old), err_msg=path)
     else:  # kept: rescaled to exactly its norm at init, same direction
       np.testing.assert_allclose(np.linalg.norm(new), np.linalg.norm(ini), rtol=1e-5,
                                  err_msg=path)
