@@ -45,33 +45,35 @@ def _environment(local_devices: int) -> dict:
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local_devices}".strip()
   env["JAX_PLATFORMS"] = "cpu"
-  # Gloo is jax 0.10's default; named so that an older jax fails loudly instead of hanging.
+  # Cross-process CPU collectives: jax 0.10's default, named for older jax (default: none).
   env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
   return env
 
 
 def _run(workdir, data_dir, processes: int):
-  """Runs the tiny LW config on 8 devices split over `processes` processes; returns logs."""
+  """Runs the tiny LW config on 8 devices split over `processes` processes."""
   args = ["--config=configs/digits.py:method=lw", f"--config.data_dir={data_dir}",
           "--config.width=0.25", "--config.train_examples=100", "--config.batch_size=32",
           "--config.epochs_per_stage=1", "--config.num_stages=2", f"--workdir={workdir}"]
   port = _free_port()
-  children = [subprocess.Popen(
-      [sys.executable, "-c", _DRIVER, str(rank), str(processes), str(port), *args], cwd=REPO,
-      env=_environment(8 // processes), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for rank in range(processes)]
-  logs = []
+  # Logs to files, not pipes: a child blocked on a full pipe would stall its peers' collectives.
+  logs = [pathlib.Path(f"{workdir}.{rank}.log") for rank in range(processes)]
+  children = []
   try:
+    for rank, log in enumerate(logs):
+      with open(log, "w") as out:
+        children.append(subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, str(rank), str(processes), str(port), *args],
+            cwd=REPO, env=_environment(8 // processes), stdout=out, stderr=subprocess.STDOUT))
     for child in children:
-      logs.append(child.communicate(timeout=_TIMEOUT_S)[0])
+      child.wait(timeout=_TIMEOUT_S)
   finally:
     for child in children:  # a failed peer leaves the others waiting on a collective
       if child.poll() is None:
         child.kill()
         child.wait()
   for child, log in zip(children, logs):
-    assert child.returncode == 0, log[-3000:]
-  return logs
+    assert child.returncode == 0, log.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
