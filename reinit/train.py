@@ -261,11 +261,23 @@ def rarely_run_jit(fun, **kwargs):
   return jax.jit(fun, **kwargs)
 
 
+def data_mesh(config) -> jax.sharding.Mesh:
+  """The run's 1-D `data` mesh, each process's devices side by side in process order.
+
+  Process p then holds rows [p * B/P, (p + 1) * B/P) of every global batch of B, P processes:
+  the rows its input pipeline feeds (`reinit.data.train_dataset`).
+  """
+  mesh = jax.make_mesh((num_devices(config),), ("data",),
+                       devices=jax.devices()[:num_devices(config)])
+  # Stable: within a process, make_mesh's (topology-aware) order stays.
+  devices = sorted(mesh.devices.flat, key=lambda d: d.process_index)
+  return jax.sharding.Mesh(np.array(devices), ("data",))
+
+
 def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan) -> Runtime:
   """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan`."""
   holds_zeros = plan.holds_zeros
-  mesh = jax.make_mesh((num_devices(config),), ("data",),
-                       devices=jax.devices()[:num_devices(config)])
+  mesh = data_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = create_model(config, num_classes)
@@ -511,6 +523,17 @@ def _run_keys(seed: int):
   return init_key, fresh_key, method_key
 
 
+def _calibration_batches(calibration_iter, count: int, batch_sharding: NamedSharding):
+  """The next `count` global training batches' images, (count, B, H, W, C), batch on `data`.
+
+  Each process contributes its rows, as to a train step: the statistics computed from them are
+  those of the global batches, the same in every process and for any process count.
+  """
+  local = np.stack([next(calibration_iter)["image"] for _ in range(count)])
+  sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, "data"))
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
 def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: TrainState | None,
                  variables, calibration_iter, keys) -> TrainState:
   """The state at the start of stage k: the switch, calibration and the optimizer policy."""
@@ -526,8 +549,8 @@ def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: Tr
   variables = switched.variables
   unit = plan.calibrate_unit(k)
   if unit is not None:
-    images = np.stack([next(calibration_iter)["image"]
-                       for _ in range(config.lw.calibration_batches)])
+    images = _calibration_batches(calibration_iter, config.lw.calibration_batches,
+                                  runtime.batch_sharding)
     variables = methods.set_standardization(variables, unit,
                                             *runtime.unit_moments(variables, images, unit))
   if config.reset_optimizer == "fresh":
@@ -726,8 +749,13 @@ def load_run(workdir: str) -> FinishedRun:
   results = _read_json(path)
   config = ml_collections.ConfigDict(results["config"])
   model = create_model(config, results["num_classes"])
-  checkpointer = ocp.StandardCheckpointer()
   root = os.path.join(_absolute(workdir), VARIABLES_DIR)
-  init_variables = checkpointer.restore(os.path.join(root, "init"))
-  final_variables = checkpointer.restore(os.path.join(root, "final"))
+  # Onto the saved shardings where this process has those devices; else (a multi-host run read
+  # on one machine) onto one local device.
+  restore = functools.partial(
+      ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore,
+      args=ocp.args.StandardRestore(
+          fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
+  init_variables = restore(os.path.join(root, "init"))
+  final_variables = restore(os.path.join(root, "final"))
   return FinishedRun(config, results, model, init_variables, final_variables)

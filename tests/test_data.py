@@ -1,6 +1,7 @@
 """Tests of reinit.data: the offline `digits` dataset and the tf.data pipelines."""
 
 import ast
+import functools
 import math
 import pathlib
 import time
@@ -243,25 +244,38 @@ def test_resize(digits_dir):
   assert batch['image'].shape == (20, 12, 10, 1)
 
 
-def test_process_shards_are_disjoint_slices(digits_dir):
-  config = make_config(digits_dir, batch_size=32)
+def _joined(parts):
+  """The processes' batches side by side: what the global batch holds, in process order."""
+  return [{key: np.concatenate([p[key] for p in batches]) for key in batches[0]}
+          for batches in zip(*parts)]
+
+
+def test_processes_feed_blocks_of_the_single_process_batches(digits_dir):
+  # Global batches must not depend on the process count: P processes on D devices then compute
+  # what one process on D devices does. 12 batches: three epochs, augmentation on.
+  config = make_config(digits_dir, batch_size=32, augment='crop')
+  single, steps = data.train_dataset(config)
   shards = [
       data.train_dataset(config, process_index=i, process_count=2) for i in range(2)
   ]
-  for ds, steps in shards:
-    assert steps == 4
-    assert take(ds, 1)[0]['image'].shape == (16, 8, 8, 1)
-  evals = [
-      list(tfds.as_numpy(
-          data.eval_train_dataset(config, process_index=i, process_count=2)))
-      for i in range(2)
-  ]
-  assert len(evals[0]) == len(evals[1]) == 4
-  assert [len(masked_labels(e)) for e in evals] == [50, 50]
-  subset_labels = masked_labels(tfds.as_numpy(data.eval_train_dataset(config)))
-  shard_labels = np.concatenate([masked_labels(e) for e in evals])
-  np.testing.assert_array_equal(np.sort(shard_labels), np.sort(subset_labels))
+  assert steps == 4 and [s for _, s in shards] == [4, 4]
+  parts = [take(ds, 12) for ds, _ in shards]
+  assert parts[0][0]['image'].shape == (16, 8, 8, 1)
+  for joined, expected in zip(_joined(parts), take(single, 12), strict=True):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(joined[key], expected[key])
 
+  # Eval: the same padded global batches; together the processes count each example once.
+  config = make_config(digits_dir, batch_size=32)
+  for split in (data.eval_train_dataset, functools.partial(data.eval_dataset, split='test')):
+    whole = list(tfds.as_numpy(split(config)))
+    parts = [list(tfds.as_numpy(split(config, process_index=i, process_count=2)))
+             for i in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for joined, expected in zip(_joined(parts), whole, strict=True):
+      assert joined.keys() == expected.keys()
+      for key in expected:
+        np.testing.assert_array_equal(joined[key], expected[key])
 
 # --- evaluation ----------------------------------------------------------------
 

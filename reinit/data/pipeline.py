@@ -647,11 +647,14 @@ def train_dataset(
 ) -> tuple[tf.data.Dataset, int]:
   """Infinite, shuffled, augmented training batches of this process.
 
-  Each process reads a disjoint slice of the training subset (indices
-  `process_index::process_count`). Shuffling happens per epoch over the whole
-  slice; augmentation uses stateless ops seeded by (seed, process_index,
-  position in the stream), so two calls with the same config yield identical
-  batches.
+  The global stream (one shuffle per epoch of the whole training subset,
+  batches of `batch_size`) is the same whatever the process count: process p
+  yields rows [p * B, (p + 1) * B) of every global batch, B = batch_size //
+  process_count, so the concatenation of the processes' batches in process
+  order is the batch of a single process. Every process therefore reads and
+  caches the whole subset (the benchmarks' subsets are small) but augments only
+  its own rows. Augmentation uses stateless ops seeded by (seed, position in the
+  global stream), so two calls with the same config yield identical batches.
 
   Args:
     config: the data config (see the module docstring).
@@ -670,8 +673,7 @@ def train_dataset(
   builder = _builder_for(config)
   split = _train_split(config)
   subset, noisy_labels = _subset(config, builder)
-  shard = subset[process_index::process_count]
-  keep = _shard_mask(len(noisy_labels), shard)
+  keep = _shard_mask(len(noisy_labels), subset)
 
   ds = _read_examples(
       builder, split, keep=keep, size=_target_size(config),
@@ -679,19 +681,27 @@ def train_dataset(
   )
   # Training needs only image and label: cache no more than that.
   ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']}).cache()
-  # Shuffle before repeat: each epoch is a full fresh permutation of the slice.
+  # Shuffle before repeat: each epoch is a full fresh permutation of the
+  # subset, the same in every process (same seed, same input order).
   ds = ds.shuffle(
-      max(1, len(shard)), seed=config.seed, reshuffle_each_iteration=True
+      max(1, len(subset)), seed=config.seed, reshuffle_each_iteration=True
   )
-  ds = ds.repeat()
-  base_seed = tf.constant([config.seed, process_index], dtype=tf.int64)
+  ds = ds.repeat().enumerate()
+  # This process's rows of each global batch, dropped before augmenting.
+  ds = ds.filter(
+      lambda position, ex: (position % config.batch_size) // local_batch
+      == process_index
+  )
+  # The second word was once the process index: 0 keeps single-process
+  # streams what they were.
+  base_seed = tf.constant([config.seed, 0], dtype=tf.int64)
 
   def prepare(position, ex):
     seed = tf.random.experimental.stateless_fold_in(base_seed, position)
     image = augment_image(ex['image'], seed, augment=augment, pad_mode=pad_mode)
     return {'image': normalize(image), 'label': ex['label']}
 
-  ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
   steps_per_epoch = max(1, math.ceil(len(subset) / config.batch_size))
@@ -737,12 +747,20 @@ def _eval_pipeline(
     process_count: int,
     noisy_labels: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-  """Masked eval batches over `indices` of `split`, sharded over processes."""
+  """Masked eval batches over `indices` of `split`, sharded over processes.
+
+  The global batches (`indices` in order, padded at the end) are those of a
+  single process; process p yields rows [p * B, (p + 1) * B) of each, B =
+  eval_batch_size // process_count.
+  """
   global_batch = _eval_batch_size(config)
   local_batch = _per_process(global_batch, process_count, 'eval_batch_size')
-  shard = indices[process_index::process_count]
   # Every process runs the same number of batches, so a global step never waits.
   num_batches = math.ceil(len(indices) / global_batch)
+  positions = np.arange(num_batches * global_batch)
+  mine = positions[(positions % global_batch) // local_batch == process_index]
+  # Ascending: this process's real examples come first, then its padding.
+  shard = indices[mine[mine < len(indices)]]
   size = _target_size(config)
   keep = None
   if len(shard) != split_size:
