@@ -15,11 +15,11 @@ from reinit import preemption
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED = 75  # EX_TEMPFAIL, documented in the README and launch/common.py
 
-# 64 examples / batch 16 = 4 steps per epoch; 100 epochs per stage = 400 steps (a few seconds):
+# 64 examples / batch 16 = 4 steps per epoch; 50 epochs per stage = 200 steps (a few seconds):
 # a signal sent once stage 0 is checkpointed lands in a later stage.
-STEPS_PER_STAGE = 400
+STEPS_PER_STAGE = 200
 _OVERRIDES = ["--config.train_examples=64", "--config.batch_size=16",
-              "--config.epochs_per_stage=100", "--config.num_stages=3", "--config.width=0.25",
+              "--config.epochs_per_stage=50", "--config.num_stages=3", "--config.width=0.25",
               "--config.log_every_steps=100"]
 
 
