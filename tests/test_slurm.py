@@ -1,0 +1,140 @@
+"""The digits sweep as a Slurm job array on a live cluster ends as the sequential sweep does.
+
+Needs a reachable Slurm (`launch/slurm/local_cluster.sh up` starts a single-node one; CI does);
+skipped with the reason otherwise. One scenario, shared by the tests below (module fixture):
+the sequential `launch.reproduce` (reference) and, at the same time, the sweep submitted as an
+array with two tasks at a time; the third task is cancelled while it waits; the second is
+requeued with `scontrol requeue` in the middle of its training. Then `launch.reproduce
+--scheduler=slurm` submits what is unfinished, waits and writes the report.
+"""
+
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.slurm import array
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RUNS = ("method=baseline", "method=baseline_long", "method=lw")  # array tasks 0, 1, 2
+# 64 examples / batch 16 = 4 steps per epoch, 25 epochs per stage: 100 steps per stage;
+# baseline_long trains 300 steps in one stage, checkpointed at step 50 (the requeue's cue: it
+# is then surely training).
+_TINY = ["--config.width=0.125", "--config.train_examples=64", "--config.batch_size=16",
+         "--config.epochs_per_stage=25", "--config.num_stages=3",
+         "--config.checkpoint_every_steps=50"]
+
+
+def _slurm_unreachable() -> str | None:
+  if shutil.which("sbatch") is None:
+    return "no Slurm client (sbatch) on this machine"
+  ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+  if ping.returncode or "UP" not in ping.stdout:
+    return f"no Slurm controller answers `scontrol ping`: {' '.join(ping.stdout.split())}"
+  nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+  if not re.search(r"idle|mixed|alloc", nodes.stdout):
+    return f"no Slurm node can take jobs (states: {' '.join(nodes.stdout.split())})"
+  return None
+
+
+_UNREACHABLE = _slurm_unreachable()
+pytestmark = pytest.mark.skipif(
+    _UNREACHABLE is not None,
+    reason=f"needs a live Slurm ({_UNREACHABLE}); start one: launch/slurm/local_cluster.sh up")
+
+
+def _state(job_task: str) -> str:
+  out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_task, "-o", "%T"],
+                       capture_output=True, text=True, timeout=30).stdout.split()
+  return out[0] if out else "UNKNOWN"
+
+
+def _wait_for(predicate, what: str, timeout_s: float = 300):
+  deadline = time.monotonic() + timeout_s
+  while not predicate():
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.1)
+
+
+def _sweep_command(module: str, workdir, data_dir, *extra) -> list[str]:
+  return [sys.executable, "-m", module, "--config=configs/digits.py", f"--workdir={workdir}",
+          f"--config.data_dir={data_dir}", *_TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("slurm")
+  data_dir = tmp / "tfds"
+  # Built once, before processes that would race to build it.
+  subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data; "
+                  f"tfds.builder('digits', data_dir='{data_dir}').download_and_prepare()"],
+                 cwd=REPO, check=True, capture_output=True, timeout=300)
+  sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+  arr = tmp / "arr"
+  first = subprocess.run(
+      _sweep_command("launch.sweep", arr, data_dir, "--scheduler=slurm",
+                     "--slurm.max_parallel=2"),
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert first.returncode == 0, first.stderr[-3000:]
+  job = re.search(r"submitted 3 of 3 runs as job array (\d+)", first.stdout).group(1)
+  # Task 2 waits for one of the two slots: cancelled before it starts.
+  subprocess.run(["scancel", f"{job}_2"], check=True, timeout=30)
+
+  # Task 1 requeued while it trains; it comes back after StartTime=now (else ~2 minutes).
+  _wait_for(lambda: (arr / RUNS[1] / "checkpoints" / "50").is_dir(), "task 1 to train")
+  subprocess.run(["scontrol", "requeue", f"{job}_1"], check=True, timeout=30)
+  _wait_for(lambda: _state(f"{job}_1") == "PENDING", "task 1 to be pending again")
+  subprocess.run(["scontrol", "update", f"jobid={job}_1", "StartTime=now"], check=True,
+                 timeout=30)
+  _wait_for(lambda: _state(f"{job}_0") == "COMPLETED" and _state(f"{job}_1") == "COMPLETED",
+            "tasks 0 and 1 to complete", timeout_s=600)
+
+  second = subprocess.run(
+      _sweep_command("launch.reproduce", arr, data_dir, "--scheduler=slurm",
+                     "--slurm.poll_seconds=1"),
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+  out, err = sequential.communicate(timeout=600)
+  assert sequential.returncode == 0, err[-3000:]
+  return {"tmp": tmp, "job": job, "first": first.stdout, "second": second.stdout,
+          "task1_log": (arr / "slurm" / f"{job}_1.out").read_text()}
+
+
+def _results(root, name) -> dict:
+  return json.loads((root / name / "results.json").read_text())
+
+
+def test_every_run_of_the_array_ends_as_in_the_sequential_sweep(scenario):
+  for name in RUNS:
+    got, want = _results(scenario["tmp"] / "arr", name), _results(scenario["tmp"] / "seq", name)
+    for key in ("stages", "test_accuracy", "train_accuracy", "compute", "units"):
+      assert got[key] == want[key], (name, key)
+
+
+def test_the_report_from_the_array_is_the_sequential_one(scenario):
+  for name in ("table2.md", "table3.md", "table2.csv", "table3.csv"):
+    got = (scenario["tmp"] / "arr" / "report" / name).read_text()
+    assert got == (scenario["tmp"] / "seq" / "report" / name).read_text(), name
+
+
+def test_the_requeued_task_resumed_from_its_checkpoint(scenario):
+  results = _results(scenario["tmp"] / "arr", RUNS[1])
+  assert len(results["resumed_from"]) == 1 and results["resumed_from"][0] > 0
+  log = scenario["task1_log"]
+  # The log is appended to across the requeue: the preempted run, then the resumed one.
+  assert "restart 0:" in log and "restart 1:" in log
+  assert f"preempted at step {results['resumed_from'][0]}" in log
+
+
+def test_resubmission_submits_only_the_cancelled_task(scenario):
+  assert re.search(r"submitted 1 of 3 runs as job array \d+ \(tasks 2\)", scenario["second"])
+  submissions = array.read_submissions(str(scenario["tmp"] / "arr" / "slurm"))
+  assert [s["tasks"] for s in submissions] == [dict(zip("012", RUNS)), {"2": RUNS[2]}]
