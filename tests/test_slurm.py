@@ -8,7 +8,9 @@ requeued with `scontrol requeue` in the middle of its training. Then `launch.rep
 --scheduler=slurm` submits what is unfinished, waits and writes the report.
 """
 
+import fcntl
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -69,7 +71,32 @@ def _sweep_command(module: str, workdir, data_dir, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("slurm")
+  """The scenario's observations; run once per test session, also under pytest-xdist (whose
+  workers each build module fixtures): the first worker runs it, the others read its record."""
+  session = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is SESSION/popen-gwN
+    session = session.parent
+  shared = session / "slurm-scenario"
+  shared.mkdir(exist_ok=True)
+  record = shared / "scenario.json"
+  with open(shared / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not record.exists():
+      record.write_text(json.dumps(_run_scenario(shared)))
+  observed = json.loads(record.read_text())
+  assert "error" not in observed, observed.get("error")
+  return {**observed, "tmp": pathlib.Path(observed["tmp"])}
+
+
+def _run_scenario(tmp: pathlib.Path) -> dict:
+  try:
+    return _scenario(tmp)
+  except Exception as e:  # pylint: disable=broad-except
+    # Recorded, so that every worker fails with it instead of running the scenario again.
+    return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _scenario(tmp: pathlib.Path) -> dict:
   data_dir = tmp / "tfds"
   # Built once, before processes that would race to build it.
   subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data; "
@@ -104,7 +131,7 @@ def scenario(tmp_path_factory):
   assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
   out, err = sequential.communicate(timeout=600)
   assert sequential.returncode == 0, err[-3000:]
-  return {"tmp": tmp, "job": job, "first": first.stdout, "second": second.stdout,
+  return {"tmp": str(tmp), "job": job, "first": first.stdout, "second": second.stdout,
           "task1_log": (arr / "slurm" / f"{job}_1.out").read_text()}
 
 
