@@ -9,6 +9,17 @@ others override fields (`seed`, `lw.rescale`, ...). `--config.FIELD=VALUE` overr
 every run. Each run goes to `WORKDIR/<name>`; a run whose `results.json` exists is skipped, so
 a stopped sweep continues where it stopped. `--dry_run` prints the `launch.main` commands instead
 (for a cluster); runs in-process share compiled steps, which makes local sweeps faster.
+
+  python -m launch.sweep --config=configs/digits.py --workdir=runs/digits --scheduler=slurm \
+    [--slurm.partition=P --slurm.time=4:00:00 --slurm.gpus_per_task=1 --slurm.max_parallel=8] \
+    [--wait]
+  python -m launch.sweep --config=configs/paper.py:study=full --workdir=gs://B/runs \
+    --task_index=I --num_tasks=N
+
+`--scheduler=slurm` submits the unfinished runs (not finished, not queued earlier) as one
+requeueable Slurm job array and prints its job id; `--wait` follows it to the end
+(`launch/slurm/array.py`). `--task_index/--num_tasks` run one share of the sweep (every N-th
+run from run I on), e.g. one per host of a TPU pod (`launch/tpu_pod.sh sweep`).
 """
 
 import dataclasses

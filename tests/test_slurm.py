@@ -45,9 +45,56 @@ def _slurm_unreachable() -> str | None:
 
 
 _UNREACHABLE = _slurm_unreachable()
-pytestmark = pytest.mark.skipif(
+needs_slurm = pytest.mark.skipif(
     _UNREACHABLE is not None,
     reason=f"needs a live Slurm ({_UNREACHABLE}); start one: launch/slurm/local_cluster.sh up")
+
+
+def test_sbatch_args_ask_for_gpus_only_when_configured():
+  plain = array.sbatch_args(array.Options(), [0, 2, 5], "/w/slurm", chdir="/repo")
+  assert not any("gpu" in a or "gres" in a for a in plain)  # refused where there are no GPUs
+  assert "--array=0,2,5" in plain and "--requeue" in plain and "--signal=USR1@90" in plain
+  assert "--output=/w/slurm/%A_%a.out" in plain and "--open-mode=append" in plain
+  assert not any(a.startswith(("--partition", "--time", "--cpus-per-task")) for a in plain)
+  full = array.sbatch_args(
+      array.Options(partition="gpu", time="2:00:00", gpus_per_task=2, cpus_per_task=8,
+                    max_parallel=4, signal_seconds=300), [3], "/w/slurm", chdir="/repo")
+  for arg in ("--array=3%4", "--partition=gpu", "--time=2:00:00", "--gpus-per-task=2",
+              "--cpus-per-task=8", "--signal=USR1@300", "--ntasks=1"):
+    assert arg in full, arg
+
+
+def _run_job_script(tmp_path, task: int, exit_status: int):
+  """The job script of tasks 3 and 7 run as Slurm would run task `task`, with `srun` and
+  `scontrol` replaced by stubs that log their arguments."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  log = tmp_path / "calls"
+  (bin_dir / "srun").write_text(f'#!/bin/sh\necho "srun $*" >> {log}\nshift\nexec "$@"\n')
+  (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {log}\n')
+  for stub in ("srun", "scontrol"):
+    (bin_dir / stub).chmod(0o755)
+  script = tmp_path / "array.sh"
+  script.write_text(array.job_script(
+      {3: ["sh", "-c", f"echo 'run 3' >> {log}; exit {exit_status}"],
+       7: ["sh", "-c", f"echo 'run 7' >> {log}"]}, preempted_status=75))
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_JOB_ID": "41"}
+  proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                        timeout=60)
+  calls = log.read_text().splitlines() if log.exists() else []
+  log.unlink(missing_ok=True)
+  return proc.returncode, calls
+
+
+def test_job_script_runs_its_task_and_requeues_it_only_after_a_preemption(tmp_path):
+  assert _run_job_script(tmp_path, 7, 0) == (0, ["srun --ntasks=1 sh -c echo 'run 7' >> "
+                                                 f"{tmp_path / 'calls'}", "run 7"])
+  status, calls = _run_job_script(tmp_path, 3, 75)
+  assert status == 75 and calls[1:] == ["run 3", "scontrol requeue 41_3"]
+  status, calls = _run_job_script(tmp_path, 3, 1)  # a failure is not retried
+  assert status == 1 and calls[1:] == ["run 3"]
+  assert _run_job_script(tmp_path, 5, 0) == (2, [])  # no such task
 
 
 def _state(job_task: str) -> str:
@@ -139,6 +186,7 @@ def _results(root, name) -> dict:
   return json.loads((root / name / "results.json").read_text())
 
 
+@needs_slurm
 def test_every_run_of_the_array_ends_as_in_the_sequential_sweep(scenario):
   for name in RUNS:
     got, want = _results(scenario["tmp"] / "arr", name), _results(scenario["tmp"] / "seq", name)
@@ -146,12 +194,14 @@ def test_every_run_of_the_array_ends_as_in_the_sequential_sweep(scenario):
       assert got[key] == want[key], (name, key)
 
 
+@needs_slurm
 def test_the_report_from_the_array_is_the_sequential_one(scenario):
   for name in ("table2.md", "table3.md", "table2.csv", "table3.csv"):
     got = (scenario["tmp"] / "arr" / "report" / name).read_text()
     assert got == (scenario["tmp"] / "seq" / "report" / name).read_text(), name
 
 
+@needs_slurm
 def test_the_requeued_task_resumed_from_its_checkpoint(scenario):
   results = _results(scenario["tmp"] / "arr", RUNS[1])
   assert len(results["resumed_from"]) == 1 and results["resumed_from"][0] > 0
@@ -161,6 +211,7 @@ def test_the_requeued_task_resumed_from_its_checkpoint(scenario):
   assert f"preempted at step {results['resumed_from'][0]}" in log
 
 
+@needs_slurm
 def test_resubmission_submits_only_the_cancelled_task(scenario):
   assert re.search(r"submitted 1 of 3 runs as job array \d+ \(tasks 2\)", scenario["second"])
   submissions = array.read_submissions(str(scenario["tmp"] / "arr" / "slurm"))
