@@ -16,7 +16,7 @@ def _bash(script, *args, env=None):
 
 
 def test_scripts_parse():
-  for script in ("tpu_pod.sh", "slurm_gpu.sh"):
+  for script in ("tpu_pod.sh", "slurm_gpu.sh", "slurm/local_cluster.sh"):
     subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
 
 

@@ -3,9 +3,10 @@
 Needs a reachable Slurm (`launch/slurm/local_cluster.sh up` starts a single-node one; CI does);
 skipped with the reason otherwise. One scenario, shared by the tests below (module fixture):
 the sequential `launch.reproduce` (reference) and, at the same time, the sweep submitted as an
-array with two tasks at a time; the third task is cancelled while it waits; the second is
-requeued with `scontrol requeue` in the middle of its training. Then `launch.reproduce
---scheduler=slurm` submits what is unfinished, waits and writes the report.
+array with two tasks at a time; the third task is cancelled while it waits; the second gets, in
+the middle of its training, the signal Slurm sends before a time limit. Then `launch.reproduce
+--scheduler=slurm` submits what is unfinished (the third run), which an administrator requeues
+(`scontrol requeue`) in the middle of its training, waits and writes the report.
 """
 
 import fcntl
@@ -143,6 +144,24 @@ def _run_scenario(tmp: pathlib.Path) -> dict:
     return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _requeue_when_training(job_task: str, checkpoint: pathlib.Path, how: list[str]):
+  """Once `checkpoint` exists (the run surely trains), stops the task with `how` (a command,
+  to which the task id is appended) and releases it as soon as it is pending again."""
+  _wait_for(checkpoint.is_dir, f"{job_task} to train")
+  subprocess.run([*how, job_task], check=True, timeout=30)
+  _wait_for(lambda: _state(job_task) == "PENDING", f"{job_task} to be pending again")
+  # Else Slurm holds a requeued job ~2 minutes (Reason=BeginTime).
+  subprocess.run(["scontrol", "update", f"jobid={job_task}", "StartTime=now"], check=True,
+                 timeout=30)
+
+
+def _submissions(slurm_dir: str) -> list[dict]:
+  try:
+    return array.read_submissions(slurm_dir)
+  except ValueError:  # a line being written
+    return []
+
+
 def _scenario(tmp: pathlib.Path) -> dict:
   data_dir = tmp / "tfds"
   # Built once, before processes that would race to build it.
@@ -161,25 +180,30 @@ def _scenario(tmp: pathlib.Path) -> dict:
   job = re.search(r"submitted 3 of 3 runs as job array (\d+)", first.stdout).group(1)
   # Task 2 waits for one of the two slots: cancelled before it starts.
   subprocess.run(["scancel", f"{job}_2"], check=True, timeout=30)
-
-  # Task 1 requeued while it trains; it comes back after StartTime=now (else ~2 minutes).
-  _wait_for(lambda: (arr / RUNS[1] / "checkpoints" / "50").is_dir(), "task 1 to train")
-  subprocess.run(["scontrol", "requeue", f"{job}_1"], check=True, timeout=30)
-  _wait_for(lambda: _state(f"{job}_1") == "PENDING", "task 1 to be pending again")
-  subprocess.run(["scontrol", "update", f"jobid={job}_1", "StartTime=now"], check=True,
-                 timeout=30)
+  # Task 1 gets what Slurm sends before a time limit (--signal=USR1@...: SIGUSR1 to the step):
+  # the run checkpoints and exits 75, and the job script requeues the task.
+  _requeue_when_training(f"{job}_1", arr / RUNS[1] / "checkpoints" / "50",
+                         ["scancel", "--signal=USR1"])
   _wait_for(lambda: _state(f"{job}_0") == "COMPLETED" and _state(f"{job}_1") == "COMPLETED",
             "tasks 0 and 1 to complete", timeout_s=600)
 
-  second = subprocess.run(
+  second = subprocess.Popen(
       _sweep_command("launch.reproduce", arr, data_dir, "--scheduler=slurm",
                      "--slurm.poll_seconds=1"),
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
-  out, err = sequential.communicate(timeout=600)
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  slurm_dir = str(arr / "slurm")
+  _wait_for(lambda: len(_submissions(slurm_dir)) == 2, "the resubmission")
+  job2 = _submissions(slurm_dir)[1]["job_id"]
+  # The resubmitted task is requeued by an administrator: SIGTERM, then Slurm requeues it.
+  _requeue_when_training(f"{job2}_2", arr / RUNS[2] / "checkpoints" / "50",
+                         ["scontrol", "requeue"])
+  second_out, second_err = second.communicate(timeout=600)
+  assert second.returncode == 0, second_out[-2000:] + second_err[-3000:]
+  _, err = sequential.communicate(timeout=600)
   assert sequential.returncode == 0, err[-3000:]
-  return {"tmp": str(tmp), "job": job, "first": first.stdout, "second": second.stdout,
-          "task1_log": (arr / "slurm" / f"{job}_1.out").read_text()}
+  return {"tmp": str(tmp), "job": job, "job2": job2, "second": second_out,
+          "logs": {RUNS[1]: (arr / "slurm" / f"{job}_1.out").read_text(),
+                   RUNS[2]: (arr / "slurm" / f"{job2}_2.out").read_text()}}
 
 
 def _results(root, name) -> dict:
@@ -202,13 +226,17 @@ def test_the_report_from_the_array_is_the_sequential_one(scenario):
 
 
 @needs_slurm
-def test_the_requeued_task_resumed_from_its_checkpoint(scenario):
-  results = _results(scenario["tmp"] / "arr", RUNS[1])
-  assert len(results["resumed_from"]) == 1 and results["resumed_from"][0] > 0
-  log = scenario["task1_log"]
+@pytest.mark.parametrize("run,how", [(RUNS[1], "time limit signal"),
+                                     (RUNS[2], "scontrol requeue")])
+def test_a_requeued_task_resumes_from_the_checkpoint_of_its_step(scenario, run, how):
+  results = _results(scenario["tmp"] / "arr", run)
+  assert len(results["resumed_from"]) == 1 and results["resumed_from"][0] >= 50, how
+  log = scenario["logs"][run]
   # The log is appended to across the requeue: the preempted run, then the resumed one.
   assert "restart 0:" in log and "restart 1:" in log
   assert f"preempted at step {results['resumed_from'][0]}" in log
+  if how == "time limit signal":
+    assert "checkpointed before the time limit; requeueing" in log
 
 
 @needs_slurm

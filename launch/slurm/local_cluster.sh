@@ -109,6 +109,9 @@ start_munged() {
   if munge -n </dev/null >/dev/null 2>&1; then return; fi  # a munged already answers: not ours
   as_root mkdir -p /run/munge /var/log/munge /var/lib/munge
   as_root chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  if ! as_root test -s /etc/munge/munge.key; then  # the package makes one; in case it did not
+    as_root runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
+  fi
   as_root runuser -u munge -- munged --pid-file=/run/munge/munged.pid
   as_root cp /run/munge/munged.pid "$STATE/munged.pid"
 }
