@@ -244,3 +244,20 @@ def test_resubmission_submits_only_the_cancelled_task(scenario):
   assert re.search(r"submitted 1 of 3 runs as job array \d+ \(tasks 2\)", scenario["second"])
   submissions = array.read_submissions(str(scenario["tmp"] / "arr" / "slurm"))
   assert [s["tasks"] for s in submissions] == [dict(zip("012", RUNS)), {"2": RUNS[2]}]
+
+
+@needs_slurm
+def test_a_gpu_request_on_a_cluster_without_gpus_is_refused_in_one_line(tmp_path):
+  gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True,
+                        timeout=30).stdout
+  if "gpu" in gres:
+    pytest.skip("this cluster has GPUs")
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.sweep", "--config=configs/digits.py",
+       f"--workdir={tmp_path}", "--scheduler=slurm", "--slurm.gpus_per_task=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  (line,) = proc.stderr.strip().splitlines()
+  assert line.startswith("error: sbatch") and "gres" in line, line
+  assert array.read_submissions(str(tmp_path / "slurm")) == []
+  assert list((tmp_path / "slurm").iterdir()) == []  # no job script left behind

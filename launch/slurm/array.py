@@ -22,10 +22,10 @@ import subprocess
 import time
 
 SUBMISSIONS_FILE = "submissions.jsonl"
-# Task states (squeue's %T). A task in none of these is finished: COMPLETED, or failed.
-ACTIVE_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-                           "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING",
-                           "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"})
+# Task states (squeue's %T). A task in none of these is finished: COMPLETED, or failed (held
+# states such as REQUEUE_HOLD wait for a person, so they count as failed, not as pending).
+ACTIVE_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "CONFIGURING", "RUNNING",
+                           "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"})
 RUNNING_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT"})
 DONE_STATE = "COMPLETED"
 
@@ -260,7 +260,11 @@ def submit_runs(root: str, runs: list[tuple[str, list[str], bool]], options: Opt
   with open(script, "w") as f:
     f.write(job_script(todo, preempted_status=preempted_status))
   os.chmod(script, 0o755)
-  job = submit(script, sbatch_args(options, sorted(todo), slurm_dir, chdir=chdir))
+  try:
+    job = submit(script, sbatch_args(options, sorted(todo), slurm_dir, chdir=chdir))
+  except SlurmError:
+    os.remove(script)  # refused (e.g. GPUs where there are none): leave no trace of it
+    raise
   record_submission(slurm_dir, job, {i: runs[i][0] for i in todo})
   echo(f"slurm: submitted {len(todo)} of {len(runs)} runs as job array {job} (tasks "
        f"{','.join(map(str, sorted(todo)))}); logs: {log_path(slurm_dir, job, 0)[:-5]}TASK.out")
