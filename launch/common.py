@@ -41,6 +41,12 @@ def fail(message: str, *, status: int = 2):
   sys.exit(status)
 
 
+# Exit statuses of the launchers: 2 a user error, 3 a diverged run, PREEMPTED a run stopped by
+# SIGTERM/SIGUSR1 after checkpointing its current step (sysexits' EX_TEMPFAIL: "try again";
+# the same command resumes it). Slurm array tasks requeue themselves on it (launch/slurm).
+PREEMPTED = 75
+
+
 def run_or_exit(config, workdir: str) -> dict:
   """`train_and_evaluate(config, workdir)`; a ConfigError exits with its one-line message."""
   from reinit import train  # pylint: disable=g-import-not-at-top
@@ -50,6 +56,8 @@ def run_or_exit(config, workdir: str) -> dict:
     fail(str(e))
   except train.TrainingDiverged as e:
     fail(str(e), status=3)
+  except train.Preempted as e:
+    fail(str(e), status=PREEMPTED)
 
 
 def one_line(error: BaseException) -> str:

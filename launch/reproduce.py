@@ -6,7 +6,9 @@ r"""Reproduce the study: run a sweep locally, analyze chosen runs, write the rep
 The SWEEP argument (or `--config`) is a config file with `get_sweep(arg)`, as for
 `launch.sweep`; `--config.FIELD=VALUE` overrides apply to every run. Runs go one by one into
 `WORKDIR/<run name>`; finished ones are skipped, so a stopped reproduction continues where it
-stopped (and an interrupted run resumes from its checkpoint). Then the runs the config file's
+stopped (and an interrupted run resumes from its checkpoint). With `--scheduler=slurm` (and the
+`--slurm.*` options of `launch.sweep`) the unfinished runs go to Slurm as one job array and
+the reproduction waits for it, printing progress; the analyses and the report then run here. Then the runs the config file's
 `analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
 when present), and `reinit.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
 prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
@@ -48,7 +50,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = sweep.config_flag_parts()
   root = flags.FLAGS.workdir
-  finished = sweep.run_sweep(config_path, arg, cli_overrides, root, dry_run=flags.FLAGS.dry_run)
+  if flags.FLAGS.scheduler == "slurm" and not flags.FLAGS.dry_run:
+    finished, failed = sweep.slurm_sweep(config_path, arg, cli_overrides, root,
+                                         sweep.slurm_options(), wait=True)
+    if failed:
+      common.fail(f"{len(failed)} runs failed, no report; their logs: "
+                  f"{', '.join(path for _, _, path in failed)}; run the same command again to "
+                  "resubmit them", status=1)
+  else:
+    finished = sweep.run_sweep(config_path, arg, cli_overrides, root,
+                               dry_run=flags.FLAGS.dry_run)
   if flags.FLAGS.dry_run:
     return
   module = sweep.load_module(config_path)

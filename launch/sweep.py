@@ -9,8 +9,20 @@ others override fields (`seed`, `lw.rescale`, ...). `--config.FIELD=VALUE` overr
 every run. Each run goes to `WORKDIR/<name>`; a run whose `results.json` exists is skipped, so
 a stopped sweep continues where it stopped. `--dry_run` prints the `launch.main` commands instead
 (for a cluster); runs in-process share compiled steps, which makes local sweeps faster.
+
+  python -m launch.sweep --config=configs/digits.py --workdir=runs/digits --scheduler=slurm \
+    [--slurm.partition=P --slurm.time=4:00:00 --slurm.gpus_per_task=1 --slurm.max_parallel=8] \
+    [--wait]
+  python -m launch.sweep --config=configs/paper.py:study=full --workdir=gs://B/runs \
+    --task_index=I --num_tasks=N
+
+`--scheduler=slurm` submits the unfinished runs (not finished, not queued earlier) as one
+requeueable Slurm job array and prints its job id; `--wait` follows it to the end
+(`launch/slurm/array.py`). `--task_index/--num_tasks` run one share of the sweep (every N-th
+run from run I on), e.g. one per host of a TPU pod (`launch/tpu_pod.sh sweep`).
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,13 +31,27 @@ import sys
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from launch import common
+from launch.slurm import array as slurm_array
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config: FILE.py[:ARG].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; each run gets a subfolder.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands of the runs, run nothing.")
+_SCHEDULER = flags.DEFINE_enum(
+    "scheduler", "local", ["local", "slurm"],
+    "local: run here, one after another; slurm: submit the unfinished runs as one job array.")
+_SLURM = config_flags.DEFINE_config_dict(
+    "slurm", ml_collections.ConfigDict(dataclasses.asdict(slurm_array.Options())),
+    "With --scheduler=slurm: --slurm.partition, .time, .gpus_per_task, .cpus_per_task, "
+    ".max_parallel, .signal_seconds, .poll_seconds (launch/slurm/array.py).")
+_WAIT = flags.DEFINE_bool("wait", False, "With --scheduler=slurm: follow the array until it "
+                          "is done, printing progress; exit 1 if a run failed.")
+_TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the runs i with i % num_tasks "
+                                   "== task_index (one host's share of a sweep).")
+_NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _ARG_KEYS = ("dataset", "model", "method")
@@ -69,12 +95,26 @@ def runs_of(config_path: str, arg: str | None, cli_overrides: dict) -> list[tupl
   return out
 
 
-def _command(config_path, arg, run, cli_overrides, workdir) -> str:
-  parts = ["python", "-m", "launch.main",
+def main_argv(config_path, arg, run, cli_overrides, workdir, python="python") -> list[str]:
+  """The `launch.main` command line of one run."""
+  parts = [python, "-m", "launch.main",
            f"--config={config_path}:{_merged_arg(arg, run)}", f"--workdir={workdir}"]
   parts += [f"--config.{k}={v}" for k, v in run.items() if k not in _ARG_KEYS]
   parts += [f"--config.{k}={v}" for k, v in cli_overrides.items()]
-  return shlex.join(parts)
+  return parts
+
+
+def _command(config_path, arg, run, cli_overrides, workdir) -> str:
+  return shlex.join(main_argv(config_path, arg, run, cli_overrides, workdir))
+
+
+def shard(items: list, task_index: int, num_tasks: int) -> list:
+  """Task `task_index`'s share of `items`: every `num_tasks`-th, from `task_index` on.
+
+  Sharded over the whole sweep, not over its unfinished runs: hosts that look at different
+  times see different unfinished runs, but always the same sweep.
+  """
+  return items[task_index::num_tasks]
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -88,14 +128,17 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str, *,
-              dry_run: bool = False) -> list[tuple[str, dict, dict]]:
-  """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one.
+              dry_run: bool = False, task_index: int = 0,
+              num_tasks: int = 1) -> list[tuple[str, dict, dict]]:
+  """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one; with
+  `num_tasks` > 1, only task `task_index`'s share (`shard`).
 
   Returns (name, run, results) of every finished run, those finished earlier included.
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
-  for name, run, config in runs_of(config_path, arg, cli_overrides):
+  runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
+  for name, run, config in runs:
     workdir = os.path.join(root, name)
     if dry_run:
       print(_command(config_path, arg, run, cli_overrides, workdir))
@@ -114,6 +157,54 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   return finished
 
 
+def slurm_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
+                options: slurm_array.Options, *, wait: bool):
+  """Submits the sweep's unfinished runs as a Slurm job array; with `wait`, follows it.
+
+  Returns (finished, failed): (name, run, results) of every finished run, and the failed
+  tasks as (task, state, log path) (empty without `wait`).
+  """
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  root = os.path.abspath(root)
+  runs = runs_of(config_path, arg, cli_overrides)
+
+  def results_path(i):
+    return os.path.join(root, runs[i][0], train.RESULTS_FILE)
+
+  entries = [(name, main_argv(os.path.abspath(config_path), arg, run, cli_overrides,
+                              os.path.join(root, name), python=sys.executable),
+              os.path.exists(results_path(i)))
+             for i, (name, run, _) in enumerate(runs)]
+  failed = []
+  try:
+    tracked = slurm_array.submit_runs(
+        root, entries, options, chdir=_CODE_ROOT, preempted_status=common.PREEMPTED,
+        echo=lambda line: print(line, flush=True))
+    if wait and tracked:
+      slurm_dir = os.path.join(root, "slurm")
+      failed = slurm_array.wait(
+          slurm_dir, tracked, lambda i: os.path.exists(results_path(i)),
+          since=slurm_array.submitted_since(slurm_dir, tracked.values()),
+          poll_seconds=options.poll_seconds, echo=lambda line: print(line, flush=True)).failed
+  except slurm_array.SlurmError as e:
+    common.fail(str(e), status=1)
+  finished = []
+  for i, (name, run, _) in enumerate(runs):
+    if os.path.exists(results_path(i)):
+      with open(results_path(i)) as f:
+        finished.append((name, run, json.load(f)))
+  return finished, failed
+
+
+# Where `python -m launch.main` imports this code from: the array tasks run there.
+_CODE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def slurm_options() -> slurm_array.Options:
+  """The --slurm.* flags."""
+  return slurm_array.Options(**_SLURM.value.to_dict())
+
+
 def config_flag_parts() -> tuple[str, str | None, dict]:
   """(config file, its argument, the --config.FIELD overrides) of the --config flag."""
   path, arg = _split_config_flag(config_flags.get_config_filename(flags.FLAGS["config"]))
@@ -124,9 +215,29 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = config_flag_parts()
-  finished = run_sweep(config_path, arg, cli_overrides, _WORKDIR.value, dry_run=_DRY_RUN.value)
+  check_sharding(_TASK_INDEX.value, _NUM_TASKS.value)
+  failed = []
+  if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
+    finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
+                                   slurm_options(), wait=_WAIT.value)
+    if not _WAIT.value:
+      return
+  else:
+    finished = run_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
+                         dry_run=_DRY_RUN.value, task_index=_TASK_INDEX.value,
+                         num_tasks=_NUM_TASKS.value)
   if finished:
     print(summary_table([(name, results) for name, _, results in finished]))
+  if failed:
+    common.fail(f"{len(failed)} runs failed; their logs: "
+                f"{', '.join(path for _, _, path in failed)}", status=1)
+
+
+def check_sharding(task_index: int, num_tasks: int) -> None:
+  if num_tasks < 1:
+    common.fail(f"num_tasks={num_tasks} is invalid; accepted: a positive integer")
+  if not 0 <= task_index < num_tasks:
+    common.fail(f"task_index={task_index} is invalid; accepted: 0..{num_tasks - 1}")
 
 
 if __name__ == "__main__":

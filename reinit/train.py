@@ -33,6 +33,7 @@ import optax
 
 from reinit import methods
 from reinit import models
+from reinit import preemption
 from reinit import transforms
 from reinit import tree as tree_lib
 
@@ -54,6 +55,14 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(FloatingPointError):
   """The training loss became non-finite; the message names the stage and step."""
+
+
+class Preempted(Exception):
+  """SIGTERM or SIGUSR1 arrived: a checkpoint of `step` is written; run again to resume."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
 
 
 @flax.struct.dataclass
@@ -561,6 +570,14 @@ def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: Tr
                         runtime.replicated)
 
 
+def _stop_preempted(manager, workdir: str, step: int):
+  """Waits for the checkpoint of `step` to be written, then raises `Preempted`."""
+  manager.wait_until_finished()
+  logging.warning("preempted: checkpoint of step %d written; stopping", step)
+  raise Preempted(f"preempted at step {step}: its checkpoint is in {workdir}/{CHECKPOINT_DIR}; "
+                  "run the same command again to resume", step)
+
+
 def _window_means(window: list[dict], average) -> dict[str, float]:
   """Means over the steps of a logging window, as clu `Average` metrics of the step values."""
   return {name: float(average.from_model_output(np.asarray([m[name] for m in window]))
@@ -644,6 +661,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   checkpoint_every = config.checkpoint_every_steps
+  # SIGTERM/SIGUSR1 from here on: checkpoint the current step and stop (`preemption`).
+  notice = preemption.Notice()
+  preempted_at_stage_end = False
 
   try:
     for k in range(progress["stage"], plan.num_stages):
@@ -675,6 +695,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(step_in_stage=i + 1, global_step=step)
         if at_checkpoint:
           _save_checkpoint(manager, state, progress)
+        if notice.reached(step):
+          if i + 1 == len(lrs):  # the stage end below checkpoints this step
+            preempted_at_stage_end = True
+          else:
+            if not at_checkpoint:
+              _save_checkpoint(manager, state, progress)
+            _stop_preempted(manager, workdir, step)
       progress["train_s"] += time.perf_counter() - train_start
 
       eval_start = time.perf_counter()
@@ -698,10 +725,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    plan.num_stages, train["accuracy"], test["accuracy"])
       progress.update(stage=k + 1, step_in_stage=0)
       _save_checkpoint(manager, state, progress)
+      # A notice during the evaluation stops here, at the checkpoint just written; a run
+      # whose last stage is done finishes instead.
+      if k + 1 < plan.num_stages and (preempted_at_stage_end or (
+          notice.signal is not None and not notice.multiprocess)):
+        _stop_preempted(manager, workdir, progress["global_step"])
   finally:
     # Also on errors and interrupts: an in-flight asynchronous save is completed, not left
     # half-written.
     manager.wait_until_finished()
+    notice.restore()
   writer.flush()
 
   stages = progress["stage_results"]

@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ def _bash(script, *args, env=None):
 
 
 def test_scripts_parse():
-  for script in ("tpu_pod.sh", "slurm_gpu.sh"):
+  for script in ("tpu_pod.sh", "slurm_gpu.sh", "slurm/local_cluster.sh"):
     subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
 
 
@@ -74,3 +76,58 @@ def test_reproduce_runs_a_small_sweep_then_reports_and_skips_finished_runs(tmp_p
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier, skipped") == 3
+
+
+def _remote_commands(stdout: str) -> list[str]:
+  """The --command=... of every gcloud ssh line a dry run printed."""
+  commands = []
+  for line in stdout.splitlines():
+    args = shlex.split(line)
+    commands += [a.split("=", 1)[1] for a in args if a.startswith("--command=")]
+  return commands
+
+
+def test_tpu_pod_setup_makes_a_python_311_venv_with_uv():
+  out = _bash("tpu_pod.sh", "setup", env={"DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "z"})
+  assert out.returncode == 0, out.stderr
+  (remote,) = _remote_commands(out.stdout)
+  assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
+  assert "uv venv --python 3.11 ~/reinit-venv" in remote
+  assert "--python ~/reinit-venv/bin/python -e '.[train]' 'jax[tpu]'" in remote
+  run = _bash("tpu_pod.sh", "run", "--workdir=gs://b/r",
+              env={"DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "z"})
+  assert "~/reinit-venv/bin/python -m launch.main --distributed" in _remote_commands(run.stdout)[0]
+
+
+def test_tpu_pod_sweep_hosts_run_disjoint_shares_that_cover_the_sweep(tmp_path):
+  # The hosts' generated commands, run here: the venv's python is this one, DIR this repo.
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  (venv / "bin" / "python").symlink_to(sys.executable)
+  sweep_args = ["--config=configs/paper.py:study=digits", f"--workdir={tmp_path / 'runs'}",
+                "--dry_run"]
+  out = _bash("tpu_pod.sh", "sweep", *sweep_args,
+              env={"DRY_RUN": "1", "TPU_NAME": "pod", "ZONE": "z", "HOSTS": "3",
+                   "DIR": str(REPO), "VENV": str(venv)})
+  assert out.returncode == 0, out.stderr
+  remote = _remote_commands(out.stdout)
+  assert [re.search(r"--task_index=(\d) --num_tasks=3", c).group(1) for c in remote] == [
+      "0", "1", "2"]
+  shares = [subprocess.run(["bash", "-c", c], capture_output=True, text=True, timeout=300)
+            for c in remote]
+  assert all(s.returncode == 0 for s in shares), [s.stderr[-2000:] for s in shares]
+  full = subprocess.run([sys.executable, "-m", "launch.sweep", *sweep_args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  everything = full.stdout.strip().splitlines()
+  got = [s.stdout.strip().splitlines() for s in shares]
+  assert len(everything) == 36 and sorted(sum(got, [])) == sorted(everything)
+  assert got[1] == everything[1::3]  # a deterministic share: every third run from the second
+
+
+def test_sweep_refuses_a_task_index_outside_num_tasks(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/digits.py",
+                         f"--workdir={tmp_path}", "--task_index=2", "--num_tasks=2"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == ["error: task_index=2 is invalid; accepted: 0..1"]
+  assert not any(tmp_path.iterdir())

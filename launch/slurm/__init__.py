@@ -1,0 +1,1 @@
+"""Slurm: job arrays for sweeps (array.py) and a local single-node cluster (local_cluster.sh)."""
