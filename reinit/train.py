@@ -33,6 +33,7 @@ import optax
 
 from reinit import methods
 from reinit import models
+from reinit import provenance
 from reinit import transforms
 from reinit import tree as tree_lib
 
@@ -699,6 +700,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  "eval": progress["eval_s"]},
       "resumed_from": progress["resumed_from"],
       "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
+      # Versions, code commit, devices and XLA flags: what produced these numbers.
+      "provenance": provenance.collect(),
   }
   _save_variables(workdir, "final", state.variables)
   if is_chief:

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import reinit
@@ -160,6 +161,13 @@ def test_lw_run_writes_results(lw_run):
   assert compute["train_flops"] == compute["train_step_flops"] * compute["train_steps"]
   assert set(written["time_s"]) == {"compile", "train", "eval"}
   assert written["resumed_from"] == []
+  # What produced it: versions, the code's commit, devices (conftest forces 8 CPU devices).
+  provenance = written["provenance"]
+  assert provenance["packages"]["jax"] == jax.__version__
+  assert provenance["packages"]["optax"] == optax.__version__
+  assert provenance["devices"] == {"platform": "cpu", "kind": "cpu", "count": 8,
+                                   "local_count": 8, "process_count": 1}
+  assert "--xla_force_host_platform_device_count=8" in provenance["xla_flags"]
 
 
 def test_runs_are_deterministic(data_dir, lw_run, tmp_path):
