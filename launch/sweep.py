@@ -101,7 +101,8 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
       print(_command(config_path, arg, run, cli_overrides, workdir))
       continue
     results_path = os.path.join(workdir, train.RESULTS_FILE)
-    if os.path.exists(results_path):
+    # Without its config.json a results.json is not a run of ours: launch.main refuses it.
+    if os.path.exists(results_path) and os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
       print(f"{name}: finished earlier, skipped", flush=True)
       with open(results_path) as f:
         finished.append((name, run, json.load(f)))
