@@ -95,7 +95,9 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
-  for name, run, config in runs_of(config_path, arg, cli_overrides):
+  runs = runs_of(config_path, arg, cli_overrides)
+  progress = common.Progress(len(runs))
+  for name, run, config in runs:
     workdir = os.path.join(root, name)
     if dry_run:
       print(_command(config_path, arg, run, cli_overrides, workdir))
@@ -103,14 +105,15 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
     results_path = os.path.join(workdir, train.RESULTS_FILE)
     # Without its config.json a results.json is not a run of ours: launch.main refuses it.
     if os.path.exists(results_path) and os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
-      print(f"{name}: finished earlier, skipped", flush=True)
+      print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
       with open(results_path) as f:
         finished.append((name, run, json.load(f)))
       continue
     print(f"{name}: running ...", flush=True)
     results = common.run_or_exit(config, workdir)
     print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
-          f"({results['wall_time_s']:.0f} s)", flush=True)
+          f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
+          flush=True)
     finished.append((name, run, results))
   return finished
 
