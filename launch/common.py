@@ -96,3 +96,40 @@ def run_app(main) -> int:
   logging.getLogger("absl").addFilter(_QuietLibraries())
   app.run(main, flags_parser=_parse_flags)
   return 0
+
+
+def duration(seconds: float) -> str:
+  """Seconds as a short human duration: `45 s`, `12.5 min`, `3.2 h`."""
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  if seconds < 2 * 3600:
+    return f"{seconds / 60:.1f} min"
+  return f"{seconds / 3600:.1f} h"
+
+
+def progress_line(done: int, total: int, durations: list[float], unit: str = "run",
+                  units: str | None = None) -> str:
+  """`done/total UNITS, T per UNIT, ETA E`: the mean of `durations` (the items done here and
+  timed; items skipped as finished earlier count as done but not in the mean) times the items
+  left. Without a timed item yet, only `done/total UNITS`. `units`: the plural (UNIT + s)."""
+  line = f"{done}/{total} {units or unit + 's'}"
+  if not durations:
+    return line
+  mean = sum(durations) / len(durations)
+  return f"{line}, {duration(mean)} per {unit}, ETA {duration(mean * (total - done))}"
+
+
+class Progress:
+  """Overall progress of `total` items of long work (runs of a sweep, analyses, datasets)."""
+
+  def __init__(self, total: int, unit: str = "run", units: str | None = None):
+    self.total, self.unit, self.units = total, unit, units
+    self.done, self.durations = 0, []
+
+  def step(self, seconds: float | None = None) -> str:
+    """Marks one more item done (`seconds`: its time; None when it was skipped) and returns
+    the progress line."""
+    self.done += 1
+    if seconds is not None:
+      self.durations.append(seconds)
+    return progress_line(self.done, self.total, self.durations, self.unit, self.units)

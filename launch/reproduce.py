@@ -17,6 +17,7 @@ the report from their results with `python -m reinit.report WORKDIR`.
 
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -31,18 +32,22 @@ def _analyze(root: str, finished, wanted: list[dict]) -> None:
   from reinit import train  # pylint: disable=g-import-not-at-top
   from reinit.analysis import run as analysis_run  # pylint: disable=g-import-not-at-top
   defaults = dict(analysis_run.DEFAULTS, analyses=analysis_run.ANALYSES)
-  for name, run, _ in finished:
-    if not any(all(run.get(k) == v for k, v in w.items()) for w in wanted):
-      continue
+  chosen = [name for name, run, _ in finished
+            if any(all(run.get(k) == v for k, v in w.items()) for w in wanted)]
+  progress = common.Progress(len(chosen), "analysis", "analyses")
+  for name in chosen:
     workdir = os.path.join(root, name)
     if os.path.exists(os.path.join(workdir, analysis_run.ANALYSIS_FILE)):
+      print(f"{name}: analyzed earlier, skipped [{progress.step()}]", flush=True)
       continue
     print(f"{name}: analyzing ...", flush=True)
+    start = time.perf_counter()
     try:
       result, _ = analysis_run.analyze_workdir(workdir, **defaults)
     except train.ConfigError as e:
       common.fail(str(e))
     print(analysis_run.summary(result), flush=True)
+    print(f"{name}: analyzed [{progress.step(time.perf_counter() - start)}]", flush=True)
 
 
 def main(argv):

@@ -138,21 +138,24 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
   runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
+  progress = common.Progress(len(runs))
   for name, run, config in runs:
     workdir = os.path.join(root, name)
     if dry_run:
       print(_command(config_path, arg, run, cli_overrides, workdir))
       continue
     results_path = os.path.join(workdir, train.RESULTS_FILE)
-    if os.path.exists(results_path):
-      print(f"{name}: finished earlier, skipped", flush=True)
+    # Without its config.json a results.json is not a run of ours: launch.main refuses it.
+    if os.path.exists(results_path) and os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
+      print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
       with open(results_path) as f:
         finished.append((name, run, json.load(f)))
       continue
     print(f"{name}: running ...", flush=True)
     results = common.run_or_exit(config, workdir)
     print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
-          f"({results['wall_time_s']:.0f} s)", flush=True)
+          f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
+          flush=True)
     finished.append((name, run, results))
   return finished
 

@@ -34,6 +34,7 @@ same from Python and returns the tables. Needs pandas, scipy and matplotlib (Agg
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -158,6 +159,7 @@ def _run_row(path: str, results: dict) -> dict:
       "label_noise": _label_noise(results),
       "run_dir": os.path.dirname(path),
       "config": _flatten(results.get("config")),
+      "provenance": provenance_items(results.get("provenance")),
   }
 
 
@@ -188,7 +190,7 @@ def load_runs(results_dir: str) -> pd.DataFrame:
       _warn(f"skipped {path}: {type(e).__name__}: {e}")
   columns = ["dataset", "model", "method", "seed", "train_examples", "test_accuracy",
              "train_accuracy", "total_epochs", "wall_time_s", "train_flops", "label_noise",
-             "run_dir", "config"]
+             "run_dir", "config", "provenance"]
   runs = pd.DataFrame(rows, columns=columns)
   differing = _pooled_differences(runs)
   if differing:
@@ -206,6 +208,59 @@ def method_order(methods: Sequence[str]) -> list[str]:
   """The references first (baseline, baseline_long), then the other methods alphabetically."""
   present = set(methods)
   return [m for m in REFERENCES if m in present] + sorted(present - set(REFERENCES))
+
+
+# ---------------------------------------------------------------- provenance
+
+
+# The order of the footer; packages not listed here follow in their recorded order.
+_PROVENANCE_ORDER = ("python", "jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint",
+                     "tensorflow-datasets", "tensorflow", "tensorflow-cpu", "devices", "code",
+                     "XLA_FLAGS")
+_NOT_RECORDED = "not recorded"
+
+
+def provenance_items(provenance: dict | None) -> dict[str, str]:
+  """A results.json `provenance` (reinit/provenance.py) as {name: text} for the footer; {} when
+  the run recorded none. Packages that are not installed and the `reinit` version (the code
+  commit says more) are left out."""
+  if not provenance:
+    return {}
+  items = {"python": str(provenance.get("python"))}
+  items.update({name: str(version) for name, version in (provenance.get("packages") or {}).items()
+                if version is not None and name != "reinit"})
+  devices = provenance.get("devices") or {}
+  if devices:
+    processes = devices.get("process_count")
+    items["devices"] = (f"{devices.get('count')} × {devices.get('kind')}, {processes} "
+                        f"process{'es' if processes != 1 else ''}")
+  code = provenance.get("code")
+  items["code"] = ("not a git checkout" if code is None else
+                   code["commit"][:12] + (" (dirty tree)" if code.get("dirty") else ""))
+  items["XLA_FLAGS"] = provenance.get("xla_flags") or "(none)"
+  return items
+
+
+def provenance_footer(runs: pd.DataFrame) -> str:
+  """One line naming what made the runs: each item's distinct values over the runs, with the
+  number of runs of each value when they differ (`jax 0.10.2 (30 runs), 0.10.1 (6 runs)`)."""
+  per_run = list(runs["provenance"])
+  names = [n for n in _PROVENANCE_ORDER if any(n in items for items in per_run)]
+  names += [n for items in per_run for n in items if n not in names]
+  names = list(dict.fromkeys(names))
+  parts = []
+  for name in names:
+    # Most frequent first; ties in the order the runs were read.
+    counts = collections.Counter(items.get(name, _NOT_RECORDED) for items in per_run)
+    if len(counts) == 1:
+      parts.append(f"{name} {next(iter(counts))}")
+    else:
+      parts.append(f"{name} " + ", ".join(f"{value} ({n} run{'s' if n != 1 else ''})"
+                                          for value, n in counts.most_common()))
+  missing = sum(1 for items in per_run if not items)
+  if missing:
+    parts.append(f"provenance {_NOT_RECORDED} by {missing} of {len(per_run)} runs")
+  return f"Made with ({len(per_run)} runs): " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------- Table 2
@@ -663,10 +718,12 @@ def build_report(results_dir: str, out_dir: str | None = None) -> dict:
     raise ValueError(f"no readable {RESULTS_FILE} under {results_dir!r}")
   os.makedirs(out_dir, exist_ok=True)
   files = {"runs.csv": os.path.join(out_dir, "runs.csv")}
-  runs.drop(columns="config").to_csv(files["runs.csv"], index=False)
+  runs.drop(columns=["config", "provenance"]).to_csv(files["runs.csv"], index=False)
 
   t2, t3 = table2(runs), table3(runs)
-  markdown = {"table2": table2_markdown(t2), "table3": table3_markdown(t3), "analysis": None}
+  footer = "\n\n" + provenance_footer(runs)
+  markdown = {"table2": table2_markdown(t2) + footer, "table3": table3_markdown(t3) + footer,
+              "analysis": None}
   for name, table in (("table2", t2), ("table3", t3)):
     table.to_csv(os.path.join(out_dir, f"{name}.csv"), index=False)
     files[f"{name}.csv"] = os.path.join(out_dir, f"{name}.csv")

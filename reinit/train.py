@@ -34,6 +34,7 @@ import optax
 from reinit import methods
 from reinit import models
 from reinit import preemption
+from reinit import provenance
 from reinit import transforms
 from reinit import tree as tree_lib
 
@@ -429,15 +430,44 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# What may lie in a workdir before reinit claims it (writes its config.json, the first thing
+# it writes there): hidden files (.DS_Store, .nfs*) and the logs a scheduler or a shell
+# redirection puts next to a run (slurm-%j.out).
+_HIDDEN = "."
+_LOG_SUFFIXES = (".log", ".out", ".err")
+
+
+def foreign_entries(workdir: str) -> list[str]:
+  """Sorted names in `workdir` other than hidden files and logs: files reinit did not write
+  when the folder has no config.json (every run writes its config.json first). [] when the
+  folder does not exist."""
+  path = workdir_path(workdir)
+  if not path.exists():
+    return []
+  return sorted(entry.name for entry in path.iterdir()
+                if not entry.name.startswith(_HIDDEN)
+                and not (entry.name.endswith(_LOG_SUFFIXES) and entry.is_file())
+                # Another process of this run writing the config (write_json_atomically).
+                and entry.name != CONFIG_FILE + ".tmp")
+
+
 def claim_workdir(config, workdir: str) -> None:
   """Records the config in `workdir`, or checks it equals the one recorded there.
 
   Raises:
-    ConfigError: the workdir holds a run with a different config (names the differing fields);
-      nothing in it is touched.
+    ConfigError: the workdir holds a run with a different config (names the differing fields),
+      or files reinit did not write and no config.json (`foreign_entries`: e.g. results.json
+      copied from elsewhere); nothing in it is touched.
   """
   path = workdir_path(workdir, CONFIG_FILE)
   current = json.loads(json.dumps(config.to_dict()))
+  if not path.exists():
+    foreign = foreign_entries(workdir)
+    if foreign:
+      shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
+      raise ConfigError(f"workdir={workdir!r} holds files reinit did not write ({shown}) and no "
+                        f"{CONFIG_FILE}; accepted: a new or empty folder, or the workdir of a run "
+                        "with this config")
   if path.exists():
     recorded = _read_json(path)
     a, b = _flat(recorded), _flat(current)
@@ -755,6 +785,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  "eval": progress["eval_s"]},
       "resumed_from": progress["resumed_from"],
       "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
+      # Versions, code commit, devices and XLA flags: what produced these numbers.
+      "provenance": provenance.collect(),
   }
   _save_variables(workdir, "final", state.variables)
   if is_chief:

@@ -73,9 +73,13 @@ def test_reproduce_runs_a_small_sweep_then_reports_and_skips_finished_runs(tmp_p
   table2 = (report / "table2.md").read_text()
   assert all(method in table2 for method in ("baseline", "baseline_long", "lw"))
   assert "| digits | simple_cnn | 20 |" in first.stdout
+  # Overall progress: runs done of 3, with the time per run and an ETA once one has run.
+  progress = re.findall(r"\[(\d)/3 runs(, .* per run, ETA .*)?\]", first.stdout)
+  assert [int(done) for done, _ in progress] == [1, 2, 3] and all(eta for _, eta in progress)
   again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier, skipped") == 3
+  assert "finished earlier, skipped [3/3 runs]" in again.stdout  # skipped runs are not timed
 
 
 def _remote_commands(stdout: str) -> list[str]:
@@ -131,3 +135,19 @@ def test_sweep_refuses_a_task_index_outside_num_tasks(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == ["error: task_index=2 is invalid; accepted: 0..1"]
   assert not any(tmp_path.iterdir())
+
+
+
+def test_progress_line_by_hand():
+  from launch import common
+  assert common.progress_line(0, 36, []) == "0/36 runs"
+  # 2 timed runs of 10 and 20 s: 15 s per run; 7 of 10 left: 105 s.
+  assert common.progress_line(3, 10, [10.0, 20.0]) == "3/10 runs, 15 s per run, ETA 105 s"
+  # 40 left at 90 s: 3600 s = 60 min; 100 left at 300 s: 30000 s = 8.3 h.
+  assert common.progress_line(4, 44, [90.0], "analysis", "analyses") == (
+      "4/44 analyses, 90 s per analysis, ETA 60.0 min")
+  assert common.progress_line(0, 100, [300.0]) == "0/100 runs, 5.0 min per run, ETA 8.3 h"
+  progress = common.Progress(3)
+  assert progress.step() == "1/3 runs"             # skipped: counted, not timed
+  assert progress.step(30.0) == "2/3 runs, 30 s per run, ETA 30 s"
+  assert progress.step(50.0) == "3/3 runs, 40 s per run, ETA 0 s"

@@ -284,3 +284,46 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     report.main([str(tmp_path), "--bogus"])
   assert exit_info.value.code == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _provenance(jax_version, commit="a" * 40, dirty=False, count=8, kind="TPU v4"):
+  return {"python": "3.11.7",
+          "packages": {"jax": jax_version, "jaxlib": jax_version, "flax": "0.12.8",
+                       "tensorflow": None, "reinit": "0.1.0"},
+          "code": None if commit is None else {"commit": commit, "dirty": dirty},
+          "devices": {"platform": "tpu", "kind": kind, "count": count, "local_count": 4,
+                      "process_count": 2},
+          "xla_flags": ""}
+
+
+def test_tables_name_the_versions_and_devices_they_were_made_with(tmp_path):
+  _write_run(tmp_path, "digits", "simple_cnn", 100, "baseline", 0, 0.5,
+             provenance=_provenance("0.10.2"))
+  _write_run(tmp_path, "digits", "simple_cnn", 100, "baseline", 1, 0.6,
+             provenance=_provenance("0.10.2", dirty=True))
+  _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 0, 0.7,
+             provenance=_provenance("0.9.0", commit=None))
+  _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 1, 0.7)  # written before provenance
+  built = report.build_report(str(tmp_path))
+  for name in ("table2", "table3"):
+    with open(os.path.join(str(tmp_path), "report", f"{name}.md")) as f:
+      footer = f.read().strip().splitlines()[-1]
+    assert footer == built["markdown"][name].splitlines()[-1]
+    assert footer.startswith("Made with (4 runs): python 3.11.7 (3 runs), not recorded (1 run);")
+    assert "jax 0.10.2 (2 runs), 0.9.0 (1 run), not recorded (1 run);" in footer
+    assert "flax 0.12.8 (3 runs)" in footer
+    assert "devices 8 × TPU v4, 2 processes (3 runs)" in footer
+    assert ("code aaaaaaaaaaaa (1 run), aaaaaaaaaaaa (dirty tree) (1 run), not a git checkout "
+            "(1 run), not recorded (1 run)") in footer
+    assert "XLA_FLAGS (none) (3 runs)" in footer
+    assert "tensorflow " not in footer and "reinit" not in footer  # not installed; the commit
+    assert footer.endswith("provenance not recorded by 1 of 4 runs.")
+
+
+def test_footer_of_runs_that_agree_lists_each_value_once(tmp_path):
+  for seed in range(3):
+    _write_run(tmp_path, "digits", "simple_cnn", 100, "baseline", seed, 0.5,
+               provenance=_provenance("0.10.2", count=1, kind="cpu"))
+  footer = report.build_report(str(tmp_path))["markdown"]["table2"].splitlines()[-1]
+  assert footer == ("Made with (3 runs): python 3.11.7; jax 0.10.2; jaxlib 0.10.2; flax 0.12.8; "
+                    "devices 1 × cpu, 2 processes; code aaaaaaaaaaaa; XLA_FLAGS (none).")

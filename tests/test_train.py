@@ -11,6 +11,7 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import reinit
@@ -165,6 +166,13 @@ def test_lw_run_writes_results(lw_run):
   assert compute["train_flops"] == compute["train_step_flops"] * compute["train_steps"]
   assert set(written["time_s"]) == {"compile", "train", "eval"}
   assert written["resumed_from"] == []
+  # What produced it: versions, the code's commit, devices (conftest forces 8 CPU devices).
+  provenance = written["provenance"]
+  assert provenance["packages"]["jax"] == jax.__version__
+  assert provenance["packages"]["optax"] == optax.__version__
+  assert provenance["devices"] == {"platform": "cpu", "kind": "cpu", "count": 8,
+                                   "local_count": 8, "process_count": 1}
+  assert "--xla_force_host_platform_device_count=8" in provenance["xla_flags"]
 
 
 def test_runs_are_deterministic(data_dir, lw_run, tmp_path):
@@ -215,6 +223,45 @@ def test_cli_user_errors_are_one_line(tmp_path, data_dir, args, words):
   for word in words:
     assert word in errors[0], errors[0]
   assert not workdir.exists()  # nothing written
+
+
+def _tree(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+          for p in sorted(root.rglob("*"))}
+
+
+def test_foreign_workdir_is_refused_and_left_as_it_was(tmp_path, data_dir):
+  # Another tool's run (its results.json, checkpoints) and a scheduler's log; no config.json.
+  entries = {"results.json": '{"accuracy": 0.9}', "checkpoints/7/state": "x",
+             "slurm-1.out": "log"}
+  workdir = tmp_path / "run"
+  for name, text in entries.items():
+    (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+    (workdir / name).write_text(text)
+  before = _tree(workdir)
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.main", "--config=configs/digits.py",
+       f"--config.data_dir={data_dir}", f"--workdir={workdir}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert f"workdir={str(workdir)!r}" in errors[0] and "config.json" in errors[0]
+  foreign = sorted({name.split("/")[0] for name in entries} - {"slurm-1.out"})
+  assert all(name in errors[0] for name in foreign), errors[0]
+  assert _tree(workdir) == before  # nothing written
+
+
+def test_foreign_entries_ignore_hidden_files_and_logs(tmp_path):
+  from reinit import train
+  assert train.foreign_entries(str(tmp_path / "missing")) == []
+  for name in (".DS_Store", "slurm-12.out", "run.log", "run.err"):
+    (tmp_path / name).write_text("")
+  assert train.foreign_entries(str(tmp_path)) == []
+  (tmp_path / "variables").mkdir()
+  (tmp_path / "b.json").write_text("{}")
+  (tmp_path / "x.out").mkdir()  # a folder, not a log
+  assert train.foreign_entries(str(tmp_path)) == ["b.json", "variables", "x.out"]
 
 
 @pytest.mark.parametrize("policy", ["off", "on", "fold"])
