@@ -252,8 +252,6 @@ def _param_copy_fields() -> dict[type, tuple[str, ...]]:
           if hasattr(contrib, name)}
 
 
-_PARAM_COPY_FIELDS = _param_copy_fields()
-
 
 def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = None) -> PyTree:
   """Resets the parts of an optax state that belong to the parameters where `mask` is True.
@@ -289,6 +287,7 @@ def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = 
       `params`; a single-array params tree with no shape to tell its moments from scalar
       counters and hyperparameters.
   """
+  copy_fields_by_type = _param_copy_fields()
   params_mask = _params_part(mask)
   is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
   mask_structure = jax.tree.structure(params_mask)
@@ -329,10 +328,10 @@ def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = 
     return jnp.where(_placed_like(m, node), p, node)
 
   def is_stop(node) -> bool:
-    return type(node) in _PARAM_COPY_FIELDS or is_params_shaped(node)
+    return type(node) in copy_fields_by_type or is_params_shaped(node)
 
   def visit(node):
-    copy_fields = _PARAM_COPY_FIELDS.get(type(node))
+    copy_fields = copy_fields_by_type.get(type(node))
     if copy_fields is not None:
       if params is None:
         raise ValueError(f"reset_opt_state: {type(node).__name__}.{'/'.join(copy_fields)} holds "

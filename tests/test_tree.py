@@ -1,5 +1,6 @@
 """Tests of reinit.tree: paths, select, layer_order (ours, third-party-style linen, NNX)."""
 
+import collections
 import subprocess
 import sys
 
@@ -99,7 +100,7 @@ class KeywordNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, extra):
-    offset = self.param("offset", nn.initializers.zeros, (4,))  # owned by no unit
+    offset = self.param("bias", nn.initializers.zeros, (4,))  # owned by no unit; sorts first
     inner = nn.Dense(4, name="inner")  # constructed first, called last
     x = nn.Dense(4, name="first")(x)
     if extra:
@@ -116,7 +117,7 @@ def test_layer_order_keyword_arguments_and_root_variables():
   assert reinit.layer_order(KeywordNet(), key, x, extra=True, depth=2) == [
       "first", "extra/inner", "extra/norm", "inner"]
   variables = KeywordNet().init(key, x, extra=False)
-  assert "params/offset" in reinit.paths(variables)
+  assert reinit.paths(variables)[0] == "params/bias"
 
 
 def test_layer_order_rejects_bad_depth(cnn_variables):
@@ -171,7 +172,8 @@ def test_select_top_level_auto_name_does_not_pick_nested_namesakes(auto_variable
 def test_has_collections_decides_once_per_tree(auto_variables):
   assert reinit.tree.has_collections(auto_variables)
   assert reinit.tree.has_collections(flax.core.freeze(auto_variables))
-  assert reinit.tree.has_collections({"batch_stats": {}, "norm": {}})  # mutable updates
+  for name in ("params", "batch_stats", "cache", "intermediates", "losses"):
+    assert reinit.tree.has_collections({name: {}, "norm": {}}), name  # e.g. mutable updates
   assert not reinit.tree.has_collections(auto_variables["params"])
   assert not reinit.tree.has_collections({"norm": {"scale": jnp.ones(2)}})  # a module 'norm'
   assert not reinit.tree.has_collections([{"params": 1}])
@@ -185,6 +187,16 @@ def test_paths_and_select_on_list_and_tuple_trees():
   assert reinit.paths((jnp.zeros(1), [jnp.zeros(1)])) == ["0", "1/0"]
   # A lone array has the empty path: no layer names it.
   assert reinit.paths(jnp.zeros(3)) == [""]
+  # Only NNX's trailing `.value` is dropped, never a lone attribute of that name.
+  box = collections.namedtuple("Box", "value")(jnp.zeros(1))
+  assert reinit.paths(box) == ["value"]
+  assert reinit.paths({"a": box}) == ["a"]
+
+
+def test_select_rejects_a_string_for_a_sequence(auto_variables):
+  for kwargs in ({"layers": "Conv_0"}, {"include": "Conv_0/.*"}, {"exclude": ".*bias"}):
+    with pytest.raises(TypeError, match="sequences of strings"):
+      reinit.select(auto_variables, **kwargs)
 
 
 def test_select_include_exclude_and_errors(cnn_variables):
@@ -213,10 +225,12 @@ def test_nnx_state_goes_through_select_and_reinitialize():
     def __init__(self, rngs):
       self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
       self.head = nnx.Linear(4, 2, rngs=rngs)
+      self.scale = nnx.Param(jnp.ones(()))
 
   graphdef, state = nnx.split(Net(nnx.Rngs(0)))
   _, fresh = nnx.split(Net(nnx.Rngs(1)))
   assert "head/kernel" in reinit.paths(state)
+  assert "scale" in reinit.paths(state)  # a Param owned by the root module itself
   mask = reinit.select(state, layers=["head"])
   out = reinit.reinitialize(state, fresh, mask)
   model = nnx.merge(graphdef, out)
