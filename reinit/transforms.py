@@ -252,7 +252,6 @@ def _param_copy_fields() -> dict[type, tuple[str, ...]]:
           if hasattr(contrib, name)}
 
 
-
 def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = None) -> PyTree:
   """Resets the parts of an optax state that belong to the parameters where `mask` is True.
 
@@ -260,8 +259,9 @@ def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = 
   `inject_hyperparams`, ...) are the subtrees with the tree structure of the params mask
   (`optax.MaskedNode` placeholders included) and, leaf by leaf, the shapes of the params: those
   of `params` when given, else those of the mask's element-mask leaves (a Python-bool or 0-d
-  leaf constrains the structure only). Their masked entries are set to zero. Step counters, hyperparameters and
-  every other leaf are left untouched, as are masked-out (`MaskedNode`) entries.
+  leaf constrains the structure only). Their masked entries are set to zero. Step counters,
+  hyperparameters and every other leaf are left untouched, as are masked-out (`MaskedNode`)
+  entries. Averages of updates (`optax.ema`'s state, momenta) are zeroed like a momentum.
 
   States that hold *copies* of the parameters (`optax.contrib.schedule_free`'s `z`; the initial
   points `x0`/`params0`/`init_params`/`init_particles` of Mechanic, MADGRAD, Prodigy, DoG, DoWG
