@@ -237,6 +237,9 @@ def test_random_mask_rejects_bad_arguments(cnn):
     reinit.random_mask(jax.random.key(0), cnn[1], fraction=1.5)
   with pytest.raises(ValueError, match="granularity"):
     reinit.random_mask(jax.random.key(0), cnn[1], fraction=0.5, granularity="kernel")
+  for sparsity in (-0.1, 1.1):
+    with pytest.raises(ValueError, match=r"magnitude_mask: sparsity must be in \[0, 1\]"):
+      reinit.magnitude_mask({"w": jnp.ones(2)}, sparsity=sparsity)
 
 
 def test_magnitude_mask_selects_smallest(cnn):
