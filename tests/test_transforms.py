@@ -332,12 +332,16 @@ def test_reset_opt_state_single_array_keeps_the_step_count(jit):
     np.testing.assert_array_equal(out[0].mu, np.zeros(3))
     np.testing.assert_array_equal(out[0].nu, np.zeros(3))
   # Nothing tells the moments of one array from its counters: refused, not guessed.
-  with pytest.raises(ValueError, match="params="):
+  message = (r"^reset_opt_state: a params tree of one array needs its shape \(pass params= or an "
+             r"element mask\), and must not be a scalar: nothing else tells its moments from the "
+             r"optimizer's scalar counters and hyperparameters")
+  with pytest.raises(ValueError, match=message):
     fn(state, True)
-  with pytest.raises(ValueError, match="scalar"):
+  with pytest.raises(ValueError, match=message):
     reinit.reset_opt_state(_stepped(optax.adam(0.1), jnp.float32(1.0)), True,
                            params=jnp.float32(2.0))
-  with pytest.raises(ValueError, match="structure"):
+  with pytest.raises(ValueError, match="^reset_opt_state: params must have the structure of "
+                     "the params mask, got PyTreeDef"):
     reinit.reset_opt_state(state, {"w": True}, params={"w": params, "v": params})
 
 
@@ -411,7 +415,9 @@ def test_reset_opt_state_sets_parameter_copies_to_the_new_params(name):
   state = _stepped(make(), params)
   mask = {"w": True, "b": jnp.array([True, False, False])}
   new = {"w": jnp.array([7.0, 8.0], jnp.bfloat16), "b": jnp.full(3, 9.0, jnp.bfloat16)}
-  with pytest.raises(ValueError, match=rf"{state_type}\.{field}"):
+  with pytest.raises(ValueError, match=(
+      rf"^reset_opt_state: {state_type}\.{field} holds a copy of the parameters; pass params= "
+      r"\(the parameters after the reset\) to set its reset entries to them")):
     reinit.reset_opt_state(state, mask)
   out = reinit.reset_opt_state(state, mask, params=new)
   holder = [s for s in jax.tree.leaves(
