@@ -307,6 +307,24 @@ def test_reset_opt_state_zeroes_masked_parts_only(nested_variables, name, mask_o
   assert touched >= 2  # kernel and bias of every moment
 
 
+def test_reset_opt_state_masked_optimizer_with_shapes():
+  # optax.masked leaves MaskedNode placeholders in its moments; shapes must stay aligned with
+  # the params' leaves around them.
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3), "c": jnp.ones((4, 1))}
+  tx = optax.masked(optax.adam(0.1), {"a": True, "b": False, "c": True})
+  state = _stepped(tx, params)
+  mask = {"a": False, "b": True, "c": True}
+  for kwargs in ({"params": params}, {}):
+    m = mask if kwargs else {"a": False, "b": jnp.ones(3, bool), "c": jnp.ones((4, 1), bool)}
+    out = reinit.reset_opt_state(state, m, **kwargs)
+    inner, old = out.inner_state[0], state.inner_state[0]
+    np.testing.assert_array_equal(inner.mu["c"], np.zeros((4, 1)))
+    np.testing.assert_array_equal(inner.nu["c"], np.zeros((4, 1)))
+    np.testing.assert_array_equal(inner.mu["a"], old.mu["a"])
+    assert isinstance(inner.mu["b"], optax.MaskedNode)
+    assert int(inner.count) == 2
+
+
 @pytest.mark.parametrize("make", [tuple, list])
 def test_reset_opt_state_on_tuple_and_list_params(make):
   params = make([jnp.ones((2, 3)), jnp.ones(3)])

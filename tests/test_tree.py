@@ -193,9 +193,17 @@ def test_paths_and_select_on_list_and_tuple_trees():
   assert reinit.paths({"a": box}) == ["a"]
 
 
+def test_map_with_path_passes_is_leaf_through():
+  tree = {"a": (jnp.zeros(2), jnp.ones(3)), "b": jnp.zeros(1)}
+  out = reinit.tree.map_with_path(lambda path, x: (path, len(x)), tree,
+                                  is_leaf=lambda x: isinstance(x, tuple))
+  assert out == {"a": ("a", 2), "b": ("b", 1)}
+
+
 def test_select_rejects_a_string_for_a_sequence(auto_variables):
   for kwargs in ({"layers": "Conv_0"}, {"include": "Conv_0/.*"}, {"exclude": ".*bias"}):
-    with pytest.raises(TypeError, match="sequences of strings"):
+    with pytest.raises(TypeError, match="^select: layers, include and exclude take sequences "
+                       "of strings, not a str$"):
       reinit.select(auto_variables, **kwargs)
 
 
