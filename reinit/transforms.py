@@ -1,7 +1,7 @@
 """Pure transforms of parameter trees and optimizer states, and the masks that drive them.
 
 Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps the
-structure, shapes and dtypes of its input tree. A mask leaf is a Python bool (whole leaf: no work
+structure, shapes, dtypes and shardings of its input tree (see `_placed_like`). A mask leaf is a Python bool (whole leaf: no work
 is done for False, so untouched leaves are returned as they are) or a bool array of the leaf's
 shape (element-wise, evaluated with `jnp.where`). A *fresh* tree is `model.init(new_key, ...)`.
 
@@ -25,6 +25,27 @@ def _is_static(mask_leaf) -> bool:
   return isinstance(mask_leaf, bool)
 
 
+def _placed_like(x, like):
+  """`x` with the sharding of `like`, the input leaf an output leaf replaces.
+
+  Eagerly, a concrete `like` gives its sharding (`device_put`; nothing is moved when `x` already
+  has it). Under `jit`, the sharding in `like`'s type is used when its mesh axes are all Explicit
+  (`jax.make_mesh`'s default); with Auto axes the type holds no sharding and XLA's propagation
+  places the output (pass `out_shardings` to fix it), inside `pmap`/`shard_map` there is nothing
+  to place. Leaves that are not JAX arrays (numpy, Python scalars) are returned as they are.
+  """
+  if jnp.shape(x) != jnp.shape(like):
+    return x  # a whole-leaf (0-d) mask entry: broadcast, on any device
+  if isinstance(like, jax.core.Tracer):
+    sharding = jax.typeof(like).sharding
+    if sharding.mesh.empty or not sharding.mesh.are_all_axes_explicit:
+      return x
+    return jax.sharding.reshard(x, sharding)
+  if isinstance(like, jax.Array) and isinstance(x, jax.Array) and x.sharding != like.sharding:
+    return jax.device_put(x, like.sharding)
+  return x
+
+
 def reinitialize(tree: PyTree, fresh: PyTree, mask: PyTree) -> PyTree:
   """`where(mask, fresh, tree)` leaf by leaf, in the dtype of `tree`.
 
@@ -34,9 +55,12 @@ def reinitialize(tree: PyTree, fresh: PyTree, mask: PyTree) -> PyTree:
     mask: True where the fresh value replaces the current one.
   """
   def pick(leaf, fresh_leaf, m):
+    if _is_static(m) and not m:
+      return leaf
+    fresh_leaf = _placed_like(jnp.asarray(fresh_leaf).astype(leaf.dtype), leaf)
     if _is_static(m):
-      return fresh_leaf.astype(leaf.dtype) if m else leaf
-    return jnp.where(m, fresh_leaf.astype(leaf.dtype), leaf)
+      return fresh_leaf
+    return jnp.where(_placed_like(m, leaf), fresh_leaf, leaf)
   return jax.tree.map(pick, tree, fresh, mask)
 
 
@@ -59,13 +83,13 @@ def rescale(tree: PyTree, reference: PyTree, mask: PyTree, eps: float = 1e-6) ->
   def scale(leaf, ref, m):
     if _is_static(m) and not m:
       return leaf
-    where = jnp.broadcast_to(jnp.asarray(m), leaf.shape)
+    where = _placed_like(jnp.broadcast_to(jnp.asarray(m), leaf.shape), leaf)
     ref = jnp.asarray(ref)
-    ref_norm = (_masked_norm(ref, where) if ref.shape == leaf.shape
+    ref_norm = (_masked_norm(_placed_like(ref, leaf), where) if ref.shape == leaf.shape
                 else jnp.abs(ref.astype(jnp.float32)))
     leaf_norm = _masked_norm(leaf, where)
     factor = jnp.where(ref_norm > eps, ref_norm / jnp.maximum(leaf_norm, 1e-30), 0.0)
-    scaled = (leaf.astype(jnp.float32) * factor).astype(leaf.dtype)
+    scaled = _placed_like((leaf.astype(jnp.float32) * factor).astype(leaf.dtype), leaf)
     return scaled if _is_static(m) else jnp.where(where, scaled, leaf)
   return jax.tree.map(scale, tree, reference, mask)
 
@@ -79,9 +103,10 @@ def shrink_perturb(tree: PyTree, fresh: PyTree, *, shrink: float, perturb: float
   def mix(leaf, fresh_leaf, m):
     if _is_static(m) and not m:
       return leaf
-    mixed = (shrink * leaf.astype(jnp.float32)
-             + perturb * fresh_leaf.astype(jnp.float32)).astype(leaf.dtype)
-    return mixed if _is_static(m) else jnp.where(m, mixed, leaf)
+    fresh_leaf = _placed_like(jnp.asarray(fresh_leaf), leaf)
+    mixed = _placed_like((shrink * leaf.astype(jnp.float32)
+                          + perturb * fresh_leaf.astype(jnp.float32)).astype(leaf.dtype), leaf)
+    return mixed if _is_static(m) else jnp.where(_placed_like(m, leaf), mixed, leaf)
   return jax.tree.map(mix, tree, fresh, mask)
 
 
@@ -165,7 +190,7 @@ def random_mask(key: jax.Array, tree: PyTree, *, fraction: float, granularity: s
            if c else False for i, (x, c) in enumerate(zip(leaves, chosen))]
     return jax.tree.unflatten(treedef, out)
 
-  collection_first = isinstance(tree, Mapping) and "params" in tree
+  collection_first = tree_lib.has_collections(tree)
   names = [_module_and_variable(p, collection_first) for p in leaf_paths]
   out: list[Any] = [False] * len(leaves)
   for i, (x, c) in enumerate(zip(leaves, chosen)):
@@ -201,46 +226,123 @@ def magnitude_mask(tree: PyTree, *, sparsity: float, within: PyTree | None = Non
   return jax.tree.map(smallest, tree, within)
 
 
-def _params_mask(mask: PyTree) -> PyTree:
-  """The part of a mask that covers `params` (a mask over `variables` holds it under 'params')."""
-  if isinstance(mask, Mapping) and "params" in mask:
-    return mask["params"]
-  return mask
+def _params_part(tree: PyTree) -> PyTree:
+  """The part of a mask (or params) tree that an optimizer sees: a tree over `variables` holds it
+  under 'params'; over `optax.LookaheadParams`, the fast weights (whose state the fast optimizer
+  keeps; the slow weights live in the params, not in the state)."""
+  if isinstance(tree, optax.LookaheadParams):
+    return tree.fast
+  if isinstance(tree, Mapping) and "params" in tree:
+    return tree["params"]
+  return tree
 
 
-def reset_opt_state(opt_state: PyTree, mask: PyTree) -> PyTree:
-  """Zeros every parameter-shaped part of an optax state where `mask` is True.
+def _param_copy_fields() -> dict[type, tuple[str, ...]]:
+  """Optax state types holding copies of the parameters, and the fields that hold them.
 
-  Parameter-shaped parts (momentum, Adam's moments, inside `chain`, `masked`,
-  `inject_hyperparams`, ...) are found by structure: any subtree with the structure of the
-  params mask, `optax.MaskedNode` placeholders included. Step counters, hyperparameters and
-  every other leaf are left untouched, as are masked-out (`MaskedNode`) entries.
+  schedule-free's `z` (the averaged sequence the evaluation point is built from) and the initial
+  points that distance-adaptive optimizers measure from (Mechanic, MADGRAD, Prodigy, DoG, DoWG,
+  COCOB). Types missing from the installed optax are skipped.
+  """
+  contrib = getattr(optax, "contrib", None)
+  names = {"ScheduleFreeState": ("z",), "MechanicState": ("x0",), "MadgradState": ("x0",),
+           "ProdigyState": ("params0",), "DoGState": ("init_params",),
+           "DoWGState": ("init_params",), "COCOBState": ("init_particles",)}
+  return {getattr(contrib, name): fields for name, fields in names.items()
+          if hasattr(contrib, name)}
+
+
+def reset_opt_state(opt_state: PyTree, mask: PyTree, *, params: PyTree | None = None) -> PyTree:
+  """Resets the parts of an optax state that belong to the parameters where `mask` is True.
+
+  *Parameter-shaped* parts (momentum, Adam's moments, inside `chain`, `masked`,
+  `inject_hyperparams`, ...) are the subtrees with the tree structure of the params mask
+  (`optax.MaskedNode` placeholders included) and, leaf by leaf, the shapes of the params: those
+  of `params` when given, else those of the mask's element-mask leaves (a Python-bool or 0-d
+  leaf constrains the structure only). Their masked entries are set to zero. Step counters,
+  hyperparameters and every other leaf are left untouched, as are masked-out (`MaskedNode`)
+  entries. Averages of updates (`optax.ema`'s state, momenta) are zeroed like a momentum.
+
+  States that hold *copies* of the parameters (`optax.contrib.schedule_free`'s `z`; the initial
+  points `x0`/`params0`/`init_params`/`init_particles` of Mechanic, MADGRAD, Prodigy, DoG, DoWG
+  and COCOB) are not zeroed: a reset entry restarts from its new value, so its copy is set to the
+  entry of `params`, the parameters after the reset (for schedule-free, the evaluation point
+  `schedule_free_eval_params` of a reset entry is then its new value). Such a state without
+  `params` raises ValueError. `optax.lookahead` keeps its slow weights in the params
+  (`optax.LookaheadParams`), not in its state: reset both halves with `reinitialize` (e.g. with
+  `LookaheadParams.init_synced(fresh)`), and pass the mask (and `params`) over the
+  `LookaheadParams` or over the fast params alone.
 
   Args:
     opt_state: any optax state.
-    mask: a mask over `params`, or over `variables` (its 'params' entry is used).
+    mask: a mask over `params`, over `variables` (its 'params' entry is used) or over
+      `optax.LookaheadParams` (its fast half is used).
+    params: the parameters after the reset, of the mask's structure (or `variables`, or
+      `LookaheadParams`, as for `mask`). Required for states holding parameter copies, and when
+      the params are a single array with a Python-bool mask (nothing else tells its moments from
+      the step counter).
+
+  Raises:
+    ValueError: `params` does not have the mask's structure; a parameter-copy state without
+      `params`; a single-array params tree with no shape to tell its moments from scalar
+      counters and hyperparameters.
   """
-  params_mask = _params_mask(mask)
+  copy_fields_by_type = _param_copy_fields()
+  params_mask = _params_part(mask)
   is_masked_node = lambda x: isinstance(x, optax.MaskedNode)
   mask_structure = jax.tree.structure(params_mask)
+  if params is not None:
+    params = _params_part(params)
+    if jax.tree.structure(params) != mask_structure:
+      raise ValueError("reset_opt_state: params must have the structure of the params mask, got "
+                       f"{jax.tree.structure(params)} for a mask of {mask_structure}")
+    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+  else:
+    # A Python bool, or a 0-d bool array (what a bool becomes under jit), masks the whole leaf.
+    shapes = [jnp.shape(m) or None for m in jax.tree.leaves(params_mask)]
+  if jax.tree_util.treedef_is_leaf(mask_structure) and shapes[0] in (None, ()):
+    raise ValueError("reset_opt_state: a params tree of one array needs its shape (pass params= "
+                     "or an element mask), and must not be a scalar: nothing else tells its "
+                     "moments from the optimizer's scalar counters and hyperparameters")
 
   def is_params_shaped(node) -> bool:
-    try:
-      structure = jax.tree.structure(node, is_leaf=is_masked_node)
-    except Exception:  # pylint: disable=broad-except
+    if jax.tree.structure(node, is_leaf=is_masked_node) != mask_structure:
       return False
-    return structure == mask_structure
+    leaves = jax.tree.leaves(node, is_leaf=is_masked_node)
+    return all(is_masked_node(x) or shape is None or jnp.shape(x) == shape
+               for x, shape in zip(leaves, shapes))
 
   def zero_masked(node, m):
     if is_masked_node(node) or (_is_static(m) and not m):
       return node
     if _is_static(m):
       return jnp.zeros_like(node)
-    return jnp.where(m, jnp.zeros_like(node), node)
+    return jnp.where(_placed_like(m, node), jnp.zeros_like(node), node)
+
+  def copy_masked(node, p, m):
+    if is_masked_node(node) or (_is_static(m) and not m):
+      return node
+    p = _placed_like(jnp.asarray(p).astype(node.dtype), node)
+    if _is_static(m):
+      return p
+    return jnp.where(_placed_like(m, node), p, node)
+
+  def is_stop(node) -> bool:
+    return type(node) in copy_fields_by_type or is_params_shaped(node)
 
   def visit(node):
+    copy_fields = copy_fields_by_type.get(type(node))
+    if copy_fields is not None:
+      if params is None:
+        raise ValueError(f"reset_opt_state: {type(node).__name__}.{'/'.join(copy_fields)} holds "
+                         "a copy of the parameters; pass params= (the parameters after the "
+                         "reset) to set its reset entries to them")
+      return type(node)(**{
+          name: (jax.tree.map(copy_masked, value, params, params_mask, is_leaf=is_masked_node)
+                 if name in copy_fields else jax.tree.map(visit, value, is_leaf=is_stop))
+          for name, value in node._asdict().items()})
     if is_params_shaped(node):
       return jax.tree.map(zero_masked, node, params_mask, is_leaf=is_masked_node)
     return node
 
-  return jax.tree.map(visit, opt_state, is_leaf=is_params_shaped)
+  return jax.tree.map(visit, opt_state, is_leaf=is_stop)

@@ -7,6 +7,7 @@ bool arrays of the leaf's shape (element-wise); True means "touched".
 Only jax, flax and numpy are imported here: this module is the library core.
 """
 
+from collections.abc import Mapping
 from collections.abc import Sequence
 import re
 from typing import Any
@@ -20,25 +21,17 @@ PyTree = Any
 _NNX_VALUE_KEY = "value"
 
 
-def _key_name(key) -> str:
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  if isinstance(key, jax.tree_util.FlattenedIndexKey):
-    return str(key.key)
-  return str(key)
-
-
 def key_path_to_str(key_path) -> str:
-  """`(DictKey('params'), DictKey('head'), DictKey('kernel'))` -> `'params/head/kernel'`."""
-  names = [_key_name(k) for k in key_path]
-  if (len(names) > 1 and isinstance(key_path[-1], jax.tree_util.GetAttrKey)
-      and names[-1] == _NNX_VALUE_KEY):
-    names = names[:-1]
-  return "/".join(names)
+  """`(DictKey('params'), DictKey('head'), DictKey('kernel'))` -> `'params/head/kernel'`.
+
+  Dict keys, attribute names and sequence indices are written bare (`jax.tree_util.keystr`'s
+  simple form), so `{'a': [x, (y,)]}` has paths `a/0` and `a/1/0`.
+  """
+  key_path = tuple(key_path)
+  if (len(key_path) > 1 and isinstance(key_path[-1], jax.tree_util.GetAttrKey)
+      and key_path[-1].name == _NNX_VALUE_KEY):
+    key_path = key_path[:-1]
+  return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
 def paths(tree: PyTree) -> list[str]:
@@ -53,8 +46,26 @@ def map_with_path(fn, tree: PyTree, *rest: PyTree, is_leaf=None) -> PyTree:
       lambda kp, *leaves: fn(key_path_to_str(kp), *leaves), tree, *rest, is_leaf=is_leaf)
 
 
-def _path_views(path: str) -> tuple[str, ...]:
-  """The path read from its first component, and from its second (collection name dropped)."""
+# Collection names flax itself writes into linen `variables`. A module can be given one of these
+# names too, but none of them names a unit in any model we know of.
+_FLAX_COLLECTIONS = frozenset({"params", "batch_stats", "cache", "intermediates", "losses"})
+
+
+def has_collections(tree: PyTree) -> bool:
+  """Whether the first component of `tree`'s paths names a collection (linen `variables`).
+
+  True for a mapping with at least one of flax's collection names among its top-level keys
+  (`params`, `batch_stats`, `cache`, `intermediates`, `losses`; other collections, such as a
+  model's own `norm`, may sit beside them). False for a bare `params` tree, an NNX `State` or any
+  other pytree, whose first path component names a module.
+  """
+  return isinstance(tree, Mapping) and any(key in _FLAX_COLLECTIONS for key in tree.keys())
+
+
+def _path_views(path: str, collection_first: bool) -> tuple[str, ...]:
+  """The path as written, and, in a `variables` tree, without its collection name."""
+  if not collection_first:
+    return (path,)
   head, sep, tail = path.partition("/")
   return (path, tail) if sep else (path,)
 
@@ -67,10 +78,13 @@ def select(tree: PyTree, *, layers: Sequence[str] = (), include: Sequence[str] =
            exclude: Sequence[str] = ()) -> PyTree:
   """Leaf-level mask (Python bools) of the leaves under `layers` or matching `include`.
 
-  A leaf is selected when its path, read from its first component or from its second (so a
-  `variables` dict and a bare `params` tree both work), equals or starts with `layer + '/'` for
-  one of `layers`, or when its full path full-matches a regex in `include`. Leaves whose full path
-  full-matches a regex in `exclude` are then removed.
+  A leaf is selected when its module path equals or starts with `layer + '/'` for one of
+  `layers`, or when its full path full-matches a regex in `include`. Leaves whose full path
+  full-matches a regex in `exclude` are then removed. Whether the first path component is a
+  collection name is decided once for the whole tree (`has_collections`): in a `variables` tree
+  the module path is the path without its collection (a layer may also be given with it, e.g.
+  `params/head`); in a bare `params` tree or an NNX `State` it is the full path. So `Conv_0`
+  selects the top-level `Conv_0` only, never `Block_0/Conv_0`, whichever tree is given.
 
   Args:
     tree: any pytree of arrays, e.g. linen `variables` or `params`, or an NNX `State`.
@@ -88,36 +102,21 @@ def select(tree: PyTree, *, layers: Sequence[str] = (), include: Sequence[str] =
     raise TypeError("select: layers, include and exclude take sequences of strings, not a str")
   include_res = [re.compile(p) for p in include]
   exclude_res = [re.compile(p) for p in exclude]
-  leaf_paths = paths(tree)
+  collection_first = has_collections(tree)
+  views = [_path_views(p, collection_first) for p in paths(tree)]
   unknown = [layer for layer in layers
-             if not any(_under(view, layer) for p in leaf_paths for view in _path_views(p))]
+             if not any(_under(view, layer) for leaf_views in views for view in leaf_views)]
   if unknown:
     raise ValueError(f"select: unknown layers {unknown}; known top-level units: "
-                     f"{sorted({v.split('/')[0] for p in leaf_paths for v in _path_views(p)[-1:]})}")
+                     f"{sorted({leaf_views[-1].split('/')[0] for leaf_views in views})}")
 
   def is_selected(path: str) -> bool:
-    chosen = (any(_under(view, layer) for layer in layers for view in _path_views(path))
+    chosen = (any(_under(view, layer) for layer in layers
+                  for view in _path_views(path, collection_first))
               or any(r.fullmatch(path) for r in include_res))
     return chosen and not any(r.fullmatch(path) for r in exclude_res)
 
   return map_with_path(lambda path, _: is_selected(path), tree)
-
-
-def mask_or(*masks: PyTree) -> PyTree:
-  """Leaf-wise OR of masks of one structure (Python bools stay Python bools)."""
-  return jax.tree.map(lambda *ms: _or(ms), *masks)
-
-
-def _or(leaves):
-  out = leaves[0]
-  for m in leaves[1:]:
-    out = out | m
-  return out
-
-
-def mask_not(mask: PyTree) -> PyTree:
-  """Leaf-wise NOT of a mask."""
-  return jax.tree.map(lambda m: (not m) if isinstance(m, bool) else ~m, mask)
 
 
 def kernels(tree: PyTree) -> PyTree:
