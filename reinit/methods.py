@@ -27,7 +27,7 @@ import numpy as np
 
 from reinit import transforms
 from reinit import tree as tree_lib
-from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION
+from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION, Standardize
 
 PyTree = Any
 
@@ -223,7 +223,6 @@ def fold_standardizations(variables: PyTree, units: Sequence[str], k) -> PyTree:
     units: `layer_order(model)`, head last.
     k: the stage (int or traced int32).
   """
-  from reinit.models.standardize import Standardize  # pylint: disable=g-import-not-at-top
   params, stats, norm = _flat(variables["params"]), _flat(variables["batch_stats"]), \
       _flat(variables[NORM_COLLECTION])
   for j in range(len(units) - 2):  # the head never reads a kept unit's standardized output
