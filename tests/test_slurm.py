@@ -150,8 +150,11 @@ def _requeue_when_training(job_task: str, checkpoint: pathlib.Path, how: list[st
   _wait_for(checkpoint.is_dir, f"{job_task} to train")
   subprocess.run([*how, job_task], check=True, timeout=30)
   _wait_for(lambda: _state(job_task) == "PENDING", f"{job_task} to be pending again")
-  # Else Slurm holds a requeued job ~2 minutes (Reason=BeginTime).
-  subprocess.run(["scontrol", "update", f"jobid={job_task}", "StartTime=now"], check=True,
+  # Else Slurm holds a requeued job ~2 minutes (Reason=BeginTime). Not `now`: slurmd revoked
+  # the old run's credential, and a new one issued within the same second (Slurm's timestamps
+  # are whole seconds) counts as revoked too ("Killing non-startable batch job: Job credential
+  # revoked", the task then FAILED); a few seconds later it starts.
+  subprocess.run(["scontrol", "update", f"jobid={job_task}", "StartTime=now+5"], check=True,
                  timeout=30)
 
 
