@@ -461,13 +461,6 @@ def claim_workdir(config, workdir: str) -> None:
   """
   path = workdir_path(workdir, CONFIG_FILE)
   current = json.loads(json.dumps(config.to_dict()))
-  if not path.exists():
-    foreign = foreign_entries(workdir)
-    if foreign:
-      shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
-      raise ConfigError(f"workdir={workdir!r} holds files reinit did not write ({shown}) and no "
-                        f"{CONFIG_FILE}; accepted: a new or empty folder, or the workdir of a run "
-                        "with this config")
   if path.exists():
     recorded = _read_json(path)
     a, b = _flat(recorded), _flat(current)
@@ -478,6 +471,12 @@ def claim_workdir(config, workdir: str) -> None:
                         f"{', '.join(differing)}); accepted: the same config to resume it, or "
                         "another workdir")
     return
+  foreign = foreign_entries(workdir)
+  if foreign:
+    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
+    raise ConfigError(f"workdir={workdir!r} holds files reinit did not write ({shown}) and no "
+                      f"{CONFIG_FILE}; accepted: a new or empty folder, or the workdir of a run "
+                      "with this config")
   path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     write_json_atomically(path, current)
@@ -728,10 +727,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if notice.reached(step):
           if i + 1 == len(lrs):  # the stage end below checkpoints this step
             preempted_at_stage_end = True
-          else:
-            if not at_checkpoint:
-              _save_checkpoint(manager, state, progress)
-            _stop_preempted(manager, workdir, step)
+            continue
+          if not at_checkpoint:
+            _save_checkpoint(manager, state, progress)
+          _stop_preempted(manager, workdir, step)
       progress["train_s"] += time.perf_counter() - train_start
 
       eval_start = time.perf_counter()
