@@ -1,27 +1,26 @@
 """The trainer: `train_and_evaluate(config, workdir)` runs a method's plan of stages.
 
-Each stage starts with the method's switch (a pure function of the variables, a fresh init, the
-method's memory and a key), then trains all layers for the stage's epochs with a fresh (or
-partly reset) optimizer state and a restarted (or continued) warmup-cosine schedule. The train
-and eval steps are compiled once, ahead of time, and reused by every stage: a stage changes
-values, never shapes, so it cannot recompile them.
+Each stage starts with the plan's switch (a pure function of the variables, a fresh init, the
+method's memory and a key) and, if the plan has one, its calibration; then all layers train
+for the stage's epochs with a fresh (or partly reset) optimizer state and a restarted (or
+continued) warmup-cosine schedule; then the stage is evaluated and checkpointed. The train and
+eval steps are compiled once, ahead of time, and reused by every stage: a stage changes values,
+never shapes, so it cannot recompile them. The trainer knows no method by name: everything a
+method does is in its `reinit.methods.Plan`.
 
 Data parallelism is `jax.jit` over a 1-D mesh: the batch is sharded on the `data` axis, the
 train state is replicated and donated to the step. The same code runs on one CPU, many devices
 or many hosts (after `jax.distributed.initialize()`, each process feeds its slice of the batch).
 
 A run is a pure function of its config and seed on a given device count. It checkpoints with
-orbax (every `checkpoint_every_steps` and at every stage end) and resumes from the latest good
-checkpoint when started again with the same config and workdir, ending with the same results.
+orbax (every `checkpoint_every_steps` and at every stage end; `reinit.workdir`) and resumes from
+the latest good checkpoint when started again with the same config and workdir, ending with the
+same results.
 """
 
-import copy
 import dataclasses
-import functools
-import json
-import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import flax
@@ -31,27 +30,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from reinit import evaluation
 from reinit import methods
 from reinit import models
 from reinit import preemption
 from reinit import provenance
 from reinit import transforms
 from reinit import tree as tree_lib
+from reinit import validation
+from reinit import workdir as workdir_lib
+from reinit.validation import ConfigError  # pylint: disable=unused-import  # the trainer's error
+from reinit.validation import num_devices
 
 PyTree = Any
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-VARIABLES_DIR = "variables"  # WORKDIR/variables/{init,final}: orbax checkpoints of `variables`
-_AUGMENTATIONS = ("none", "crop", "crop_flip")
-_COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_OPTIMIZER_POLICIES = ("fresh", "masked")
-# Fields that change how a run is logged or checkpointed, not what it computes.
-_BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir")
-
-
-class ConfigError(ValueError):
-  """A user error in the config, the workdir or the data they name; a one-line message."""
+# The workdir's file names, where callers have always found them.
+RESULTS_FILE = workdir_lib.RESULTS_FILE
+CONFIG_FILE = workdir_lib.CONFIG_FILE
+CHECKPOINT_DIR = workdir_lib.CHECKPOINT_DIR
+create_model = models.from_config
 
 
 class TrainingDiverged(FloatingPointError):
@@ -79,60 +75,7 @@ class TrainState:
   memory: PyTree
 
 
-# ---------------------------------------------------------------- config checks
-
-
-def _positive_int(field: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ConfigError(f"{field}={value!r} is invalid; accepted: a positive integer")
-
-
-def _choice(field: str, value, accepted) -> None:
-  if value not in accepted:
-    raise ConfigError(f"{field}={value!r} is unknown; accepted: {', '.join(accepted)}")
-
-
-def num_devices(config) -> int:
-  """Devices the run uses: `config.num_devices`, or all when -1."""
-  requested = config.get("num_devices", -1)
-  return jax.device_count() if requested == -1 else requested
-
-
-def validate_config(config) -> None:
-  """Raises ConfigError (one line naming the field and the accepted values) on bad input."""
-  _choice("model", config.model, sorted(models.MODELS))
-  _choice("method", config.method, methods.METHODS)
-  _choice("augment", config.augment, _AUGMENTATIONS)
-  _choice("compute_dtype", config.compute_dtype, tuple(_COMPUTE_DTYPES))
-  _choice("reset_optimizer", config.reset_optimizer, _OPTIMIZER_POLICIES)
-  examples = config.train_examples
-  if examples is not None and examples != -1 and (not isinstance(examples, int) or examples < 1):
-    raise ConfigError(f"train_examples={examples!r} is invalid; accepted: a positive number of "
-                      "examples, or -1 (or unset) for the whole train split")
-  for field in ("batch_size", "eval_batch_size", "epochs_per_stage"):
-    _positive_int(field, config[field])
-  if config.num_stages != -1:
-    _positive_int("num_stages", config.num_stages)
-  if not config.learning_rate > 0:
-    raise ConfigError(f"learning_rate={config.learning_rate!r} is invalid; accepted: > 0")
-  requested = config.get("num_devices", -1)
-  if requested != -1 and not (isinstance(requested, int) and 1 <= requested <= jax.device_count()):
-    raise ConfigError(f"num_devices={requested!r} is invalid; accepted: -1 (all) or 1.."
-                      f"{jax.device_count()}")
-  devices = num_devices(config)
-  for field in ("batch_size", "eval_batch_size"):
-    if config[field] % devices:
-      raise ConfigError(f"{field}={config[field]} is invalid; accepted: a multiple of the "
-                        f"number of devices ({devices})")
-
-
-# ---------------------------------------------------------------- model and optimizer
-
-
-def create_model(config, num_classes: int):
-  """The config's linen module with `num_classes` outputs."""
-  return models.get_model(config.model, num_classes=num_classes, width=config.width,
-                          dtype=_COMPUTE_DTYPES[config.compute_dtype])
+# ---------------------------------------------------------------- optimization
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -177,17 +120,15 @@ def cross_entropy(logits, labels, *, num_classes: int, label_smoothing: float):
   return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
-def _held_at_zero(tree, keep):
-  return jax.tree.map(lambda x, k: jnp.where(k, x, jnp.zeros_like(x)), tree, keep)
-
-
-def make_train_step(model, tx, *, num_classes: int, label_smoothing: float,
-                    holds_zeros: bool = False):
+def make_train_step(model, tx, *, num_classes: int, label_smoothing: float):
   """`(state, batch, learning_rate) -> (state, metrics)`; batch: image (B,H,W,C), label (B,).
 
-  With `holds_zeros`, params where `state.memory['keep']` is False get no gradient and stay
-  exactly zero (DSD's sparse stage).
+  `tx.update` is called with the method's memory as the keyword `memory` (a plan's optimizer
+  wrapper may read it, e.g. DSD's `methods.hold_at_zero`); a plain optax `tx` ignores it.
+  metrics: mean loss and accuracy of the batch, f32 scalars.
   """
+  tx = optax.with_extra_args_support(tx)
+
   def train_step(state: TrainState, batch, learning_rate):
     def loss_fn(params):
       logits, new_state = model.apply({**state.variables, "params": params}, batch["image"],
@@ -198,13 +139,9 @@ def make_train_step(model, tx, *, num_classes: int, label_smoothing: float,
 
     params = state.variables["params"]
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    if holds_zeros:
-      grads = _held_at_zero(grads, state.memory["keep"])
     opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=learning_rate)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, memory=state.memory)
     params = optax.apply_updates(params, updates)
-    if holds_zeros:
-      params = _held_at_zero(params, state.memory["keep"])
     variables = {**state.variables, "params": params, "batch_stats": batch_stats}
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
@@ -212,55 +149,10 @@ def make_train_step(model, tx, *, num_classes: int, label_smoothing: float,
   return train_step
 
 
-def make_eval_step(model, *, num_classes: int):
-  """`(variables, batch) -> sums` over the real examples of a padded batch.
-
-  The batch has image, label and mask (1 real, 0 padding), and may carry `true_label` and
-  `corrupted` (label noise): then the sums also count corrupted examples predicted as their
-  (wrong) training label, i.e. memorized, and clean examples predicted right.
-  """
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False)
-    targets = jax.nn.one_hot(batch["label"], num_classes)
-    losses = optax.softmax_cross_entropy(logits, targets)
-    correct = jnp.argmax(logits, -1) == batch["label"]
-    mask = batch["mask"]
-    sums = {"correct": jnp.sum(correct * mask), "loss": jnp.sum(losses * mask),
-            "count": jnp.sum(mask)}
-    if "corrupted" in batch:
-      corrupted = batch["corrupted"] * mask
-      sums |= {"corrupted": jnp.sum(corrupted),
-               "memorized": jnp.sum(correct * corrupted),
-               "clean_correct": jnp.sum(correct * (mask - corrupted))}
-    return sums
-  return eval_step
+make_eval_step = evaluation.make_eval_step
 
 
 # ---------------------------------------------------------------- what a run compiles once
-
-
-@dataclasses.dataclass
-class Runtime:
-  """The model, optimizer, shardings and jitted functions of a run, shared by all its stages.
-
-  `train_step` and `eval_step` are ahead-of-time compiled (`compile_steps`): a stage that
-  changed a shape or a sharding would fail loudly instead of recompiling silently.
-  """
-  model: Any
-  tx: optax.GradientTransformation
-  replicated: NamedSharding
-  batch_sharding: NamedSharding
-  init: Any  # key -> variables, replicated
-  opt_init: Any  # params -> optimizer state, replicated
-  train_step: Any
-  eval_step: Any
-  unit_moments: Any  # (variables, images, unit) -> (mean, var); `methods.unit_moments`
-  begin: Any  # the plan's begin, jitted
-  switch: Any  # the plan's switch, jitted once for all stages (k is traced)
-  reset_opt_state: Any
-  holds_zeros: bool
-  compiled_train_step: Any = None
-  compiled_eval_step: Any = None
 
 
 def rarely_run_jit(fun, **kwargs):
@@ -275,7 +167,7 @@ def data_mesh(config) -> jax.sharding.Mesh:
   """The run's 1-D `data` mesh, each process's devices side by side in process order.
 
   Process p then holds rows [p * B/P, (p + 1) * B/P) of every global batch of B, P processes:
-  the rows its input pipeline feeds (`reinit.data.train_dataset`).
+  the rows its input pipeline feeds (`reinit.data.Data.train`).
   """
   mesh = jax.make_mesh((num_devices(config),), ("data",),
                        devices=jax.devices()[:num_devices(config)])
@@ -284,47 +176,79 @@ def data_mesh(config) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """The model, optimizer, shardings and jitted functions of a run, shared by all its stages.
+
+  Built once by `build_runtime`; `compile_steps` compiles its steps ahead of time.
+  """
+  model: Any
+  tx: optax.GradientTransformation  # the plan's optimizer
+  replicated: NamedSharding
+  batch_sharding: NamedSharding
+  init: Any  # key -> variables, replicated
+  opt_init: Any  # params -> optimizer state, replicated
+  train_step: Any  # jitted `make_train_step`, state donated
+  eval_step: Any  # jitted `make_eval_step`
+  begin: Any  # the plan's begin, jitted
+  switch: Any  # the plan's switch, jitted once for all stages (k is traced)
+  calibrate: Any  # the plan's calibration, jitted with the unit static; None without one
+  reset_opt_state: Any
+
+
 def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan) -> Runtime:
   """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan`."""
-  holds_zeros = plan.holds_zeros
   mesh = data_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = create_model(config, num_classes)
-  tx = make_optimizer(config)
+  tx = plan.optimizer(make_optimizer(config))
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  init = rarely_run_jit(lambda key: model.init(key, dummy, train=False),
-                        out_shardings=replicated)
   train_step = jax.jit(
       make_train_step(model, tx, num_classes=num_classes,
-                      label_smoothing=config.label_smoothing, holds_zeros=holds_zeros),
+                      label_smoothing=config.label_smoothing),
       in_shardings=(replicated, batch_sharding, replicated),
       out_shardings=(replicated, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, num_classes=num_classes),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
   # Fully optimized, unlike the other stage-switch functions: it runs forward passes of the
   # model on training batches, up to the calibrated unit (one compile per unit).
-  unit_moments = jax.jit(functools.partial(methods.unit_moments, model.apply),
-                         static_argnums=2)
-  opt_init = rarely_run_jit(tx.init, out_shardings=replicated)
-  return Runtime(model, tx, replicated, batch_sharding, init, opt_init, train_step, eval_step,
-                 unit_moments, rarely_run_jit(plan.begin), rarely_run_jit(plan.switch),
-                 rarely_run_jit(transforms.reset_opt_state), holds_zeros)
+  calibrate = None if plan.calibration is None else jax.jit(
+      lambda variables, images, unit: plan.calibration.apply(model.apply, variables, images,
+                                                             unit), static_argnums=2)
+  return Runtime(
+      model=model, tx=tx, replicated=replicated, batch_sharding=batch_sharding,
+      init=rarely_run_jit(lambda key: model.init(key, dummy, train=False),
+                          out_shardings=replicated),
+      opt_init=rarely_run_jit(tx.init, out_shardings=replicated), train_step=train_step,
+      eval_step=eval_step, begin=rarely_run_jit(plan.begin),
+      switch=rarely_run_jit(plan.switch), calibrate=calibrate,
+      reset_opt_state=rarely_run_jit(transforms.reset_opt_state))
 
 
-def compile_steps(runtime: Runtime, state: TrainState, train_batch, eval_batch) -> dict:
-  """Compiles the train and eval steps for these shapes; returns seconds and FLOPs per step."""
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+  """The ahead-of-time compiled steps: a stage that changed a shape or a sharding would fail
+  loudly instead of recompiling silently."""
+  train_step: Any
+  eval_step: Any
+  compile_s: float
+  train_step_flops: float  # the whole (global) step, from XLA's cost analysis; NaN if unknown
+
+
+def compile_steps(runtime: Runtime, state: TrainState, train_batch, eval_batch) -> CompiledSteps:
+  """Compiles the train and eval steps for these shapes (arrays or ShapeDtypeStructs)."""
   start = time.perf_counter()
   lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=runtime.replicated)
-  runtime.compiled_train_step = runtime.train_step.lower(state, train_batch, lr).compile()
-  runtime.compiled_eval_step = runtime.eval_step.lower(state.variables, eval_batch).compile()
+  train_step = runtime.train_step.lower(state, train_batch, lr).compile()
+  eval_step = runtime.eval_step.lower(state.variables, eval_batch).compile()
   # XLA's cost analysis counts one device's share of the data-parallel step.
   devices = runtime.replicated.mesh.size
-  return {"compile_s": time.perf_counter() - start,
-          "train_step_flops": _flops(runtime.compiled_train_step) * devices}
+  return CompiledSteps(train_step, eval_step, time.perf_counter() - start,
+                       flops(train_step) * devices)
 
 
-def _flops(compiled) -> float:
+def flops(compiled) -> float:
   """FLOPs of one call of a compiled function, from XLA's cost analysis (NaN if unknown)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -332,212 +256,104 @@ def _flops(compiled) -> float:
   return float((analysis or {}).get("flops", float("nan")))
 
 
-def _global_batch(batch, sharding):
+# ---------------------------------------------------------------- batches and stage starts
+
+
+def global_batch(batch, sharding: NamedSharding):
   """Host-local numpy batch -> global jax arrays sharded on the `data` axis."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
 
 
-def _abstract_batch(dataset, sharding, process_count: int):
-  """Global shapes of a host-local batch of `dataset`, for ahead-of-time compilation."""
+def abstract_batch(dataset, sharding: NamedSharding, process_count: int):
+  """Global shapes of a host-local batch of a tf.data `dataset`, for ahead-of-time compiling."""
   def spec(x):
     return jax.ShapeDtypeStruct((x.shape[0] * process_count, *x.shape[1:]),
                                 x.dtype.as_numpy_dtype, sharding=sharding)
   return jax.tree.map(spec, dataset.element_spec)
 
 
-_RESIDENT_EVAL_BYTES = 256 * 2**20
+def calibration_images(iterator, count: int, sharding: NamedSharding) -> jax.Array:
+  """The next `count` global training batches' images, (count, B, H, W, C), batch on `data`.
 
-
-class EvalSet:
-  """An evaluation split as global batches; kept on the devices when it is small.
-
-  Evaluating after every stage re-reads the split; a split under 256 MiB per process is kept
-  from its first pass on, which saves the tf.data start-up and the host-to-device copies at
-  every later stage end.
+  Each process contributes its rows, as to a train step: the statistics computed from them are
+  those of the global batches, the same in every process and for any process count.
   """
-
-  def __init__(self, dataset, sharding):
-    self._dataset, self._sharding = dataset, sharding
-    self._resident: list | None = None
-    self._too_big = False
-
-  def __iter__(self):
-    if self._resident is not None:
-      yield from self._resident
-      return
-    kept, size = [], 0
-    for batch in self._dataset.as_numpy_iterator():
-      size += sum(x.nbytes for x in batch.values())
-      self._too_big |= size > _RESIDENT_EVAL_BYTES
-      batch = _global_batch(batch, self._sharding)
-      if not self._too_big:
-        kept.append(batch)
-      yield batch
-    if not self._too_big:
-      self._resident = kept
+  local = np.stack([next(iterator)["image"] for _ in range(count)])
+  return jax.make_array_from_process_local_data(
+      NamedSharding(sharding.mesh, PartitionSpec(None, "data")), local)
 
 
-def evaluate(runtime: Runtime, variables, eval_set: EvalSet) -> dict[str, float]:
-  """Accuracy and mean loss over every example of `eval_set` (padded batches with a mask)."""
-  totals = None
-  for batch in eval_set:
-    sums = runtime.compiled_eval_step(variables, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  out = {"accuracy": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
-         "examples": int(count)}
-  corrupted = float(totals.get("corrupted", 0.0))
-  if corrupted:
-    out |= {"memorized": float(totals["memorized"]) / corrupted,
-            "clean_accuracy": float(totals["clean_correct"]) / (count - corrupted)}
-  return out
+class RunKeys(NamedTuple):
+  """Keys of a run: initialization, the fresh draws of stage switches, the method's own."""
+  init: jax.Array
+  fresh: jax.Array
+  method: jax.Array
 
 
-# ---------------------------------------------------------------- workdir and checkpoints
+def run_keys(seed: int) -> RunKeys:
+  return RunKeys(*jax.random.split(jax.random.key(seed), 3))
 
 
-def workdir_path(workdir: str, *parts: str):
-  """`workdir/parts...` as an `etils.epath.Path`: local folders and gs:// alike."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return epath.Path(workdir).joinpath(*parts)
+def initial_state(runtime: Runtime, keys: RunKeys) -> TrainState:
+  """Stage 0's state: the initial variables, a fresh optimizer state, the method's memory."""
+  variables = runtime.init(keys.init)
+  return jax.device_put(TrainState(jnp.zeros((), jnp.int32), variables,
+                                   runtime.opt_init(variables["params"]),
+                                   runtime.begin(variables, keys.method)),
+                        runtime.replicated)
 
 
-def _absolute(workdir: str) -> str:
-  """Orbax wants absolute paths; URLs (gs://...) already are."""
-  return workdir if "://" in workdir else os.path.abspath(workdir)
-
-
-def write_json_atomically(path, payload: dict) -> None:
-  """Writes JSON to `path` (an `epath.Path`) through a temporary file: never half-written."""
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-  tmp.rename(path)
-
-
-def _read_json(path) -> dict:
-  return json.loads(path.read_text())
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-# What may lie in a workdir before reinit claims it (writes its config.json, the first thing
-# it writes there): hidden files (.DS_Store, .nfs*) and the logs a scheduler or a shell
-# redirection puts next to a run (slurm-%j.out).
-_HIDDEN = "."
-_LOG_SUFFIXES = (".log", ".out", ".err")
-
-
-def foreign_entries(workdir: str) -> list[str]:
-  """Sorted names in `workdir` other than hidden files and logs: files reinit did not write
-  when the folder has no config.json (every run writes its config.json first). [] when the
-  folder does not exist."""
-  path = workdir_path(workdir)
-  if not path.exists():
-    return []
-  return sorted(entry.name for entry in path.iterdir()
-                if not entry.name.startswith(_HIDDEN)
-                and not (entry.name.endswith(_LOG_SUFFIXES) and entry.is_file())
-                # Another process of this run writing the config (write_json_atomically).
-                and entry.name != CONFIG_FILE + ".tmp")
-
-
-def claim_workdir(config, workdir: str) -> None:
-  """Records the config in `workdir`, or checks it equals the one recorded there.
-
-  Raises:
-    ConfigError: the workdir holds a run with a different config (names the differing fields),
-      or files reinit did not write and no config.json (`foreign_entries`: e.g. results.json
-      copied from elsewhere); nothing in it is touched.
-  """
-  path = workdir_path(workdir, CONFIG_FILE)
-  current = json.loads(json.dumps(config.to_dict()))
-  if path.exists():
-    recorded = _read_json(path)
-    a, b = _flat(recorded), _flat(current)
-    differing = sorted(k for k in set(a) | set(b)
-                       if a.get(k) != b.get(k) and k not in _BOOKKEEPING_FIELDS)
-    if differing:
-      raise ConfigError(f"workdir={workdir!r} holds a run with a different config (fields: "
-                        f"{', '.join(differing)}); accepted: the same config to resume it, or "
-                        "another workdir")
-    return
-  foreign = foreign_entries(workdir)
-  if foreign:
-    shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
-    raise ConfigError(f"workdir={workdir!r} holds files reinit did not write ({shown}) and no "
-                      f"{CONFIG_FILE}; accepted: a new or empty folder, or the workdir of a run "
-                      "with this config")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    write_json_atomically(path, current)
-
-
-def _checkpoint_manager(workdir: str):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.CheckpointManager(
-      os.path.join(_absolute(workdir), CHECKPOINT_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
-
-
-def _save_checkpoint(manager, state: TrainState, progress: dict) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # A copy: the save finishes in the background while the loop goes on updating `progress`.
-  manager.save(int(progress["global_step"]), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(copy.deepcopy(progress))),
-      force=True)
-
-
-def _abstract(tree):
-  """Shapes, dtypes and shardings of a tree of arrays: what orbax restores into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def _restore_latest(manager, abstract_state):
-  """(state, progress) of the newest checkpoint that restores, or None; warns on bad ones."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
-      steps = {step, int(restored.state.step), int(restored.progress["global_step"])}
-      if len(steps) != 1:
-        raise ValueError(f"inconsistent checkpoint: directory, state and progress steps {steps}")
-      return restored.state, restored.progress
-    except Exception as e:  # pylint: disable=broad-except
-      # Moved aside, not deleted: training will write this step again, and the bad files may
-      # matter to whoever investigates.
-      directory = workdir_path(str(manager.directory))
-      aside = directory.parent / "corrupt_checkpoints"
-      if jax.process_index() == 0:
-        aside.mkdir(parents=True, exist_ok=True)
-        (directory / str(step)).rename(aside / f"{step}-{int(time.time())}")
-      manager.reload()
-      logging.warning("checkpoint at step %d is unreadable (%s); moved to %s, trying the "
-                      "previous one", step,
-                      str(e).splitlines()[0] if str(e) else type(e).__name__, aside)
-  return None
-
-
-def _save_variables(workdir: str, name: str, variables) -> None:
-  """Writes `variables` to WORKDIR/variables/NAME; every process takes part (orbax syncs)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.join(_absolute(workdir), VARIABLES_DIR, name)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path, variables, force=True)
-  checkpointer.wait_until_finished()
+def switch_stage(runtime: Runtime, k: int, state: TrainState, keys: RunKeys, *,
+                 reset_optimizer: str, calibration: tuple[str, jax.Array] | None = None
+                 ) -> TrainState:
+  """The state at the start of stage k >= 1: the plan's switch, its calibration of
+  `(unit, images)` if any, then the optimizer policy (`fresh` or `masked`)."""
+  fresh = runtime.init(jax.random.fold_in(keys.fresh, k))
+  switched = runtime.switch(jnp.int32(k), state.variables, fresh, state.memory,
+                            jax.random.fold_in(keys.method, k))
+  variables = switched.variables
+  if calibration is not None:
+    unit, images = calibration
+    variables = runtime.calibrate(variables, images, unit)
+  if reset_optimizer == "fresh":
+    opt_state = runtime.opt_init(variables["params"])
+  else:
+    opt_state = runtime.reset_opt_state(state.opt_state, switched.touched)
+  return jax.device_put(TrainState(state.step, variables, opt_state, switched.memory),
+                        runtime.replicated)
 
 
 # ---------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where the loop is, checkpointed (as JSON) with the state; `stage_results` grows per stage."""
+  stage: int = 0
+  step_in_stage: int = 0
+  global_step: int = 0
+  calibrations: int = 0
+  stage_results: list = dataclasses.field(default_factory=list)
+  resumed_from: list = dataclasses.field(default_factory=list)
+  train_s: float = 0.0
+  eval_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the stages of one run share."""
+  config: Any
+  workdir: str
+  plan: methods.Plan
+  runtime: Runtime
+  steps: CompiledSteps
+  keys: RunKeys
+  learning_rates: list[np.ndarray]
+  writer: Any  # clu metric writer
+  report: Any  # clu periodic_actions.ReportProgress
+  manager: Any  # orbax CheckpointManager
+  notice: preemption.Notice
 
 
 def _load_data(config):
@@ -555,62 +371,154 @@ def _load_data(config):
   return info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds
 
 
-def _run_keys(seed: int):
-  """Keys of a run: initialization, the fresh draws of stage switches, the methods' own."""
-  init_key, fresh_key, method_key = jax.random.split(jax.random.key(seed), 3)
-  return init_key, fresh_key, method_key
+def _save(run: _Run, state: TrainState, progress: Progress) -> None:
+  workdir_lib.save_checkpoint(run.manager, state, dataclasses.asdict(progress))
 
 
-def _calibration_batches(calibration_iter, count: int, batch_sharding: NamedSharding):
-  """The next `count` global training batches' images, (count, B, H, W, C), batch on `data`.
-
-  Each process contributes its rows, as to a train step: the statistics computed from them are
-  those of the global batches, the same in every process and for any process count.
-  """
-  local = np.stack([next(calibration_iter)["image"] for _ in range(count)])
-  sharding = NamedSharding(batch_sharding.mesh, PartitionSpec(None, "data"))
-  return jax.make_array_from_process_local_data(sharding, local)
-
-
-def _stage_start(runtime: Runtime, plan: methods.Plan, config, k: int, state: TrainState | None,
-                 variables, calibration_iter, keys) -> TrainState:
-  """The state at the start of stage k: the switch, calibration and the optimizer policy."""
-  _, fresh_key, method_key = keys
-  if k == 0:
-    memory = runtime.begin(variables, method_key)
-    return jax.device_put(TrainState(jnp.zeros((), jnp.int32), variables,
-                                     runtime.opt_init(variables["params"]), memory),
-                          runtime.replicated)
-  fresh = runtime.init(jax.random.fold_in(fresh_key, k))
-  switched = runtime.switch(jnp.int32(k), state.variables, fresh, state.memory,
-                            jax.random.fold_in(method_key, k))
-  variables = switched.variables
-  unit = plan.calibrate_unit(k)
-  if unit is not None:
-    images = _calibration_batches(calibration_iter, config.lw.calibration_batches,
-                                  runtime.batch_sharding)
-    variables = methods.set_standardization(variables, unit,
-                                            *runtime.unit_moments(variables, images, unit))
-  if config.reset_optimizer == "fresh":
-    opt_state = runtime.opt_init(variables["params"])
-  else:
-    opt_state = runtime.reset_opt_state(state.opt_state, switched.touched)
-  return jax.device_put(TrainState(state.step, variables, opt_state, switched.memory),
-                        runtime.replicated)
-
-
-def _stop_preempted(manager, workdir: str, step: int):
+def _stop_preempted(run: _Run, step: int):
   """Waits for the checkpoint of `step` to be written, then raises `Preempted`."""
-  manager.wait_until_finished()
+  run.manager.wait_until_finished()
   logging.warning("preempted: checkpoint of step %d written; stopping", step)
-  raise Preempted(f"preempted at step {step}: its checkpoint is in {workdir}/{CHECKPOINT_DIR}; "
-                  "run the same command again to resume", step)
+  raise Preempted(f"preempted at step {step}: its checkpoint is in "
+                  f"{run.workdir}/{CHECKPOINT_DIR}; run the same command again to resume", step)
 
 
-def _window_means(window: list[dict], average) -> dict[str, float]:
-  """Means over the steps of a logging window, as clu `Average` metrics of the step values."""
-  return {name: float(average.from_model_output(np.asarray([m[name] for m in window]))
-                      .compute()) for name in window[0]}
+def _log_window(run: _Run, window: list[dict], *, k: int, i: int, step: int,
+                write: bool) -> None:
+  """Checks the mean loss of a window of steps is finite; writes the means when `write`."""
+  from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
+  means = {name: float(clu_metrics.Average.from_model_output(
+      np.asarray([m[name] for m in jax.device_get(window)])).compute()) for name in window[0]}
+  if not np.isfinite(means["loss"]):
+    raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the stage "
+                           f"(global step {step}); the last good checkpoint stays in "
+                           f"{run.workdir}/{CHECKPOINT_DIR}")
+  if write:
+    run.writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
+                             | {"train/learning_rate": float(run.learning_rates[k][i]),
+                                "stage": k})
+
+
+def train_stage(run: _Run, k: int, state: TrainState, progress: Progress,
+                train_iter) -> tuple[TrainState, bool]:
+  """Trains stage k from `progress.step_in_stage` to its end; checkpoints every
+  `checkpoint_every_steps`; on a preemption notice checkpoints and stops (`Preempted`), or,
+  at the stage's last step, returns True for the stage end to stop after its checkpoint."""
+  lrs, every = run.learning_rates[k], run.config.checkpoint_every_steps
+  window, start = [], time.perf_counter()
+  try:
+    for i in range(progress.step_in_stage, len(lrs)):
+      batch = global_batch(next(train_iter), run.runtime.batch_sharding)
+      state, metrics = run.steps.train_step(state, batch, lrs[i])
+      # Device scalars, fetched only when logging: no host sync or eager op per step.
+      window.append(metrics)
+      step, last = progress.global_step + 1, i + 1 == len(lrs)
+      run.report(step)
+      at_log = (i + 1) % run.config.log_every_steps == 0 or last
+      at_checkpoint = every > 0 and step % every == 0 and not last
+      if at_log or at_checkpoint:
+        _log_window(run, window, k=k, i=i, step=step, write=at_log)
+        window = [] if at_log else window
+      progress.step_in_stage, progress.global_step = i + 1, step
+      if at_checkpoint:
+        _save(run, state, progress)
+      if run.notice.reached(step):
+        if last:  # the stage end checkpoints this step
+          return state, True
+        if not at_checkpoint:
+          _save(run, state, progress)
+        _stop_preempted(run, step)
+    return state, False
+  finally:
+    progress.train_s += time.perf_counter() - start
+
+
+def evaluate_stage(run: _Run, k: int, state: TrainState, progress: Progress,
+                   eval_sets: dict[str, evaluation.EvalSet]) -> None:
+  """Evaluates the end of stage k on the test split and the training subset; records it."""
+  start = time.perf_counter()
+  with run.report.timed("eval"):
+    test, train = (evaluation.evaluate(run.steps.eval_step, state.variables, eval_sets[name])
+                   for name in ("test", "train"))
+  progress.eval_s += time.perf_counter() - start
+  run.writer.write_scalars(progress.global_step, {
+      "test/accuracy": test["accuracy"], "test/loss": test["loss"],
+      "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
+  progress.stage_results.append({
+      "stage": k, "epochs": run.plan.epochs[k], "steps": len(run.learning_rates[k]),
+      "learning_rate": run.plan.learning_rates[k],
+      "train_accuracy": train["accuracy"], "train_loss": train["loss"],
+      "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+      "test_examples": test["examples"],
+      # Under label noise: the fraction of corrupted training examples fitted to their wrong
+      # label, and the accuracy on the clean ones.
+      **{f"train_{name}": train[name] for name in ("memorized", "clean_accuracy")
+         if name in train}})
+  logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
+               run.plan.num_stages, train["accuracy"], test["accuracy"])
+
+
+def _start_stage(run: _Run, k: int, state: TrainState, progress: Progress,
+                 calibration_iter) -> TrainState:
+  """Stage k's switch (and calibration), counted in `progress` for exact resumes."""
+  unit = run.plan.calibrated_unit(k)
+  calibration = None
+  if unit is not None:
+    calibration = (unit, calibration_images(calibration_iter, run.plan.calibration.batches,
+                                            run.runtime.batch_sharding))
+    progress.calibrations += 1
+  return switch_stage(run.runtime, k, state, run.keys,
+                      reset_optimizer=run.config.reset_optimizer, calibration=calibration)
+
+
+def _plan(config, units: list[str]) -> methods.Plan:
+  try:
+    return methods.make_plan(config, units)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def _restore_or_begin(run: _Run, state: TrainState) -> tuple[TrainState, Progress]:
+  """The newest good checkpoint's state and progress, or (having recorded the hparams and the
+  initial variables) `state` and a fresh progress."""
+  restored = workdir_lib.restore_latest(run.manager, workdir_lib.abstract(state))
+  if restored is None:
+    run.writer.write_hparams({k: v for k, v in workdir_lib.flat_config(
+        run.config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
+    workdir_lib.save_variables(run.workdir, "init", state.variables)
+    return state, Progress()
+  state, progress = restored
+  progress = Progress(**progress)
+  progress.resumed_from = progress.resumed_from + [progress.global_step]
+  logging.info("resumed from step %d (stage %d)", progress.global_step, progress.stage)
+  return jax.device_put(state, run.runtime.replicated), progress
+
+
+def _results(run: _Run, info, units: list[str], progress: Progress, wall_s: float) -> dict:
+  """The contents of results.json (see the README's "Results format")."""
+  config, stages = run.config, progress.stage_results
+  total_steps = sum(len(lrs) for lrs in run.learning_rates)
+  epochs = int(sum(run.plan.epochs))
+  return {
+      "dataset": config.dataset, "model": config.model, "method": config.method,
+      "seed": config.seed, "train_examples": info.train_examples,
+      "test_examples": stages[-1]["test_examples"], "num_classes": info.num_classes,
+      "units": units, "stages": stages, "test_accuracy": stages[-1]["test_accuracy"],
+      "train_accuracy": stages[-1]["train_accuracy"], "total_epochs": epochs,
+      "devices": num_devices(config),
+      "compute": {
+          "total_epochs": epochs, "train_steps": total_steps,
+          "examples_seen": total_steps * config.batch_size,
+          "train_step_flops": run.steps.train_step_flops,
+          "train_flops": run.steps.train_step_flops * total_steps,
+      },
+      "time_s": {"compile": run.steps.compile_s, "train": progress.train_s,
+                 "eval": progress.eval_s},
+      "resumed_from": progress.resumed_from, "wall_time_s": wall_s,
+      "config": config.to_dict(),
+      # Versions, code commit, devices and XLA flags: what produced these numbers.
+      "provenance": provenance.collect(),
+  }
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -631,195 +539,84 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ConfigError: bad config values, data that is not available, or a workdir that holds another
       config (one-line message); nothing in `workdir` is written or changed before these checks.
     TrainingDiverged: a non-finite training loss; the last good checkpoint stays.
+    Preempted: SIGTERM or SIGUSR1 arrived; a checkpoint is written.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  from clu import metrics as clu_metrics  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
-  validate_config(config)
-  results_path = workdir_path(workdir, RESULTS_FILE)
+  validation.validate(config)
   info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds = _load_data(config)
-  keys = _run_keys(config.seed)
-  dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-  units = tree_lib.layer_order(create_model(config, info.num_classes), keys[0], dummy,
-                               train=False)
-  try:
-    plan = methods.make_plan(config, units)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  claim_workdir(config, workdir)
-  if results_path.exists():
+  keys = run_keys(config.seed)
+  units = tree_lib.layer_order(create_model(config, info.num_classes), keys.init,
+                               jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
+  plan = _plan(config, units)
+  workdir_lib.claim(config, workdir)
+  if workdir_lib.path(workdir, RESULTS_FILE).exists():
     logging.info("%s is finished; returning its results", workdir)
-    return _read_json(results_path)
-
-  runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
-  is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  manager = _checkpoint_manager(workdir)
-  learning_rates = stage_learning_rates(config, plan, steps_per_epoch)
-  total_steps = sum(len(lrs) for lrs in learning_rates)
+    return workdir_lib.read_json(workdir_lib.path(workdir, RESULTS_FILE))
   logging.info("%s on %s with %s: %d stages, units %s, %d train examples, %d steps/epoch",
                plan.name, config.dataset, config.model, plan.num_stages, units,
                info.train_examples, steps_per_epoch)
 
-  # Stage 0's state; its shapes are those of every stage, so it also serves to compile.
-  initial = runtime.init(keys[0])
-  state = _stage_start(runtime, plan, config, 0, None, initial, None, keys)
-  timing = compile_steps(runtime, state,
-                         _abstract_batch(train_ds, runtime.batch_sharding, jax.process_count()),
-                         _abstract_batch(test_ds, runtime.batch_sharding, jax.process_count()))
-  progress = {"stage": 0, "step_in_stage": 0, "global_step": 0, "calibrations": 0,
-              "stage_results": [], "resumed_from": [], "train_s": 0.0, "eval_s": 0.0}
-  restored = _restore_latest(manager, _abstract(state))
-  if restored is not None:
-    state, progress = restored
-    state = jax.device_put(state, runtime.replicated)
-    progress["resumed_from"] = progress["resumed_from"] + [progress["global_step"]]
-    logging.info("resumed from step %d (stage %d)", progress["global_step"], progress["stage"])
-  else:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
-    _save_variables(workdir, "init", state.variables)
-
-  test_set = EvalSet(test_ds, runtime.batch_sharding)
-  train_eval_set = EvalSet(train_eval_ds, runtime.batch_sharding)
-  # The data streams are pure functions of the config: skipping what was consumed restores them.
-  train_iter = train_ds.skip(progress["global_step"]).as_numpy_iterator()
-  calibration_iter = calibration_ds.skip(
-      progress["calibrations"] * config.lw.calibration_batches).as_numpy_iterator()
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
-  checkpoint_every = config.checkpoint_every_steps
-  # SIGTERM/SIGUSR1 from here on: checkpoint the current step and stop (`preemption`).
-  notice = preemption.Notice()
-  preempted_at_stage_end = False
-
+  runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
+  state = initial_state(runtime, keys)  # its shapes are every stage's: it serves to compile
+  processes = jax.process_count()
+  learning_rates = stage_learning_rates(config, plan, steps_per_epoch)
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() != 0)
+  run = _Run(config, workdir, plan, runtime,
+             compile_steps(runtime, state,
+                           abstract_batch(train_ds, runtime.batch_sharding, processes),
+                           abstract_batch(test_ds, runtime.batch_sharding, processes)),
+             keys, learning_rates, writer,
+             periodic_actions.ReportProgress(
+                 num_train_steps=sum(len(lrs) for lrs in learning_rates), writer=writer,
+                 every_steps=config.log_every_steps),
+             workdir_lib.checkpoint_manager(workdir),
+             # SIGTERM/SIGUSR1 from here on: checkpoint the current step and stop.
+             preemption.Notice())
   try:
-    for k in range(progress["stage"], plan.num_stages):
-      if progress["step_in_stage"] == 0 and k > 0:
-        state = _stage_start(runtime, plan, config, k, state, None, calibration_iter, keys)
-        progress["calibrations"] += int(plan.calibrate_unit(k) is not None)
-      lrs = learning_rates[k]
-      window = []
-      train_start = time.perf_counter()
-      for i in range(progress["step_in_stage"], len(lrs)):
-        batch = _global_batch(next(train_iter), runtime.batch_sharding)
-        state, metrics = runtime.compiled_train_step(state, batch, lrs[i])
-        # Device scalars, fetched only when logging: no host sync or eager op per step.
-        window.append(metrics)
-        step = progress["global_step"] + 1
-        report(step)
-        at_log = (i + 1) % config.log_every_steps == 0 or i + 1 == len(lrs)
-        at_checkpoint = checkpoint_every > 0 and step % checkpoint_every == 0 and i + 1 < len(lrs)
-        if at_log or at_checkpoint:
-          means = _window_means(jax.device_get(window), clu_metrics.Average)
-          if not np.isfinite(means["loss"]):
-            raise TrainingDiverged(f"non-finite training loss at stage {k}, step {i + 1} of the "
-                                   f"stage (global step {step}); the last good checkpoint stays "
-                                   f"in {workdir}/{CHECKPOINT_DIR}")
-          if at_log:
-            writer.write_scalars(step, {f"train/{n}": v for n, v in means.items()}
-                                 | {"train/learning_rate": float(lrs[i]), "stage": k})
-            window = []
-        progress.update(step_in_stage=i + 1, global_step=step)
-        if at_checkpoint:
-          _save_checkpoint(manager, state, progress)
-        if notice.reached(step):
-          if i + 1 == len(lrs):  # the stage end below checkpoints this step
-            preempted_at_stage_end = True
-            continue
-          if not at_checkpoint:
-            _save_checkpoint(manager, state, progress)
-          _stop_preempted(manager, workdir, step)
-      progress["train_s"] += time.perf_counter() - train_start
-
-      eval_start = time.perf_counter()
-      with report.timed("eval"):
-        test = evaluate(runtime, state.variables, test_set)
-        train = evaluate(runtime, state.variables, train_eval_set)
-      progress["eval_s"] += time.perf_counter() - eval_start
-      writer.write_scalars(progress["global_step"], {
-          "test/accuracy": test["accuracy"], "test/loss": test["loss"],
-          "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
-      progress["stage_results"].append({
-          "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
-          "learning_rate": plan.learning_rates[k],
-          "train_accuracy": train["accuracy"], "train_loss": train["loss"],
-          "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-          "test_examples": test["examples"],
-        # Under label noise: the fraction of corrupted training examples fitted to their wrong
-        # label, and the accuracy on the clean ones.
-        **{f"train_{k}": train[k] for k in ("memorized", "clean_accuracy") if k in train}})
-      logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
-                   plan.num_stages, train["accuracy"], test["accuracy"])
-      progress.update(stage=k + 1, step_in_stage=0)
-      _save_checkpoint(manager, state, progress)
-      # A notice during the evaluation stops here, at the checkpoint just written; a run
-      # whose last stage is done finishes instead.
-      if k + 1 < plan.num_stages and (preempted_at_stage_end or (
-          notice.signal is not None and not notice.multiprocess)):
-        _stop_preempted(manager, workdir, progress["global_step"])
+    state, progress = _restore_or_begin(run, state)
+    state = _run_stages(run, state, progress, train_ds, calibration_ds, {
+        "test": evaluation.EvalSet(test_ds, lambda b: global_batch(b, runtime.batch_sharding)),
+        "train": evaluation.EvalSet(train_eval_ds,
+                                    lambda b: global_batch(b, runtime.batch_sharding))})
   finally:
     # Also on errors and interrupts: an in-flight asynchronous save is completed, not left
     # half-written.
-    manager.wait_until_finished()
-    notice.restore()
+    run.manager.wait_until_finished()
+    run.notice.restore()
   writer.flush()
+  return _finish(run, info, units, progress, state, start)
 
-  stages = progress["stage_results"]
-  results = {
-      "dataset": config.dataset, "model": config.model, "method": config.method,
-      "seed": config.seed, "train_examples": info.train_examples,
-      "test_examples": stages[-1]["test_examples"], "num_classes": info.num_classes,
-      "units": units, "stages": stages, "test_accuracy": stages[-1]["test_accuracy"],
-      "train_accuracy": stages[-1]["train_accuracy"],
-      "total_epochs": int(sum(plan.epochs)), "devices": num_devices(config),
-      "compute": {
-          "total_epochs": int(sum(plan.epochs)), "train_steps": total_steps,
-          "examples_seen": total_steps * config.batch_size,
-          "train_step_flops": timing["train_step_flops"],
-          "train_flops": timing["train_step_flops"] * total_steps,
-      },
-      "time_s": {"compile": timing["compile_s"], "train": progress["train_s"],
-                 "eval": progress["eval_s"]},
-      "resumed_from": progress["resumed_from"],
-      "wall_time_s": time.perf_counter() - start, "config": config.to_dict(),
-      # Versions, code commit, devices and XLA flags: what produced these numbers.
-      "provenance": provenance.collect(),
-  }
-  _save_variables(workdir, "final", state.variables)
-  if is_chief:
-    write_json_atomically(results_path, results)
+
+def _run_stages(run: _Run, state: TrainState, progress: Progress, train_ds, calibration_ds,
+                eval_sets) -> TrainState:
+  """Stages `progress.stage`.. to the end: switch, train, evaluate, checkpoint."""
+  # The data streams are pure functions of the config: skipping what was consumed restores them.
+  train_iter = train_ds.skip(progress.global_step).as_numpy_iterator()
+  batches = run.plan.calibration.batches if run.plan.calibration else 0
+  calibration_iter = calibration_ds.skip(progress.calibrations * batches).as_numpy_iterator()
+  for k in range(progress.stage, run.plan.num_stages):
+    if progress.step_in_stage == 0 and k > 0:
+      state = _start_stage(run, k, state, progress, calibration_iter)
+    state, preempted_at_end = train_stage(run, k, state, progress, train_iter)
+    evaluate_stage(run, k, state, progress, eval_sets)
+    progress.stage, progress.step_in_stage = k + 1, 0
+    _save(run, state, progress)
+    # A notice during the evaluation stops here, at the checkpoint just written; a run whose
+    # last stage is done finishes instead.
+    if k + 1 < run.plan.num_stages and (preempted_at_end or (
+        run.notice.signal is not None and not run.notice.multiprocess)):
+      _stop_preempted(run, progress.global_step)
+  return state
+
+
+def _finish(run: _Run, info, units: list[str], progress: Progress, state: TrainState,
+            start: float) -> dict:
+  """Saves the final variables and writes results.json (process 0); returns the results."""
+  results = _results(run, info, units, progress, time.perf_counter() - start)
+  workdir_lib.save_variables(run.workdir, "final", state.variables)
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomically(workdir_lib.path(run.workdir, RESULTS_FILE), results)
   return results
-
-
-@dataclasses.dataclass(frozen=True)
-class FinishedRun:
-  """A finished run read back from its workdir: what the analyses need."""
-  config: Any  # ml_collections.ConfigDict
-  results: dict
-  model: Any  # the linen module
-  init_variables: PyTree
-  final_variables: PyTree
-
-
-def load_run(workdir: str) -> FinishedRun:
-  """Reads `results.json` and the init/final variables a finished run wrote to `workdir`."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = workdir_path(workdir, RESULTS_FILE)
-  if not path.exists():
-    raise ConfigError(f"workdir={workdir!r} holds no finished run ({RESULTS_FILE} is missing)")
-  results = _read_json(path)
-  config = ml_collections.ConfigDict(results["config"])
-  model = create_model(config, results["num_classes"])
-  root = os.path.join(_absolute(workdir), VARIABLES_DIR)
-  # Onto the saved shardings where this process has those devices; else (a multi-host run read
-  # on one machine) onto one local device.
-  restore = functools.partial(
-      ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore,
-      args=ocp.args.StandardRestore(
-          fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
-  init_variables = restore(os.path.join(root, "init"))
-  final_variables = restore(os.path.join(root, "final"))
-  return FinishedRun(config, results, model, init_variables, final_variables)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from reinit import analysis
+from reinit import workdir as workdir_lib
 from reinit.models import get_model, Standardize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -539,7 +540,7 @@ def test_analyze_end_to_end_with_label_noise():
   final = jax.tree.map(lambda a: a, init)
   final["params"]["head"] = model.init(jax.random.key(1), images[:1])["params"]["head"]
   units = reinit.layer_order(model, jax.random.key(0), images[:1])
-  run = train.FinishedRun(config, {"dataset": "digits", "model": "simple_cnn", "method": "lw",
+  run = workdir_lib.FinishedRun(config, {"dataset": "digits", "model": "simple_cnn", "method": "lw",
                                    "seed": 0, "train_examples": 40, "num_classes": 10,
                                    "units": units}, model, init, final)
   train_ds = _FakeDataset(images, trained_on, 16, true_label=true, corrupted=corrupted)

@@ -245,7 +245,7 @@ def test_sp_matches_its_formula(setup):
 def test_dsd_prunes_holds_zeros_and_releases(setup):
   model, x, init, trained, fresh = setup
   plan = _plan("dsd", epochs_per_stage=30, **{"dsd.sparsity": 0.3, "dsd.lr_factor": 0.1})
-  assert plan.num_stages == 3 and plan.holds_zeros
+  assert plan.num_stages == 3 and plan.optimizer is methods.hold_at_zero
   # LW's compute (7 units: 7 stages of 30 epochs = 210), spread over the three phases.
   assert plan.epochs == (70, 70, 70)
   assert plan.learning_rates[2] == pytest.approx(0.1 * plan.learning_rates[0])
@@ -258,15 +258,12 @@ def test_dsd_prunes_holds_zeros_and_releases(setup):
   old = np.abs(np.asarray(trained["params"]["block3"]["Conv_0"]["kernel"]))
   assert old[pruned].max() <= old[~pruned].min()  # the smallest magnitudes went
 
-  tx = optax.sgd(0.1, momentum=0.9)
-  step = jax.jit(train.make_train_step(model, optax.inject_hyperparams(
-      lambda learning_rate: tx)(learning_rate=0.1), num_classes=10, label_smoothing=0.0,
-      holds_zeros=True))
+  tx = plan.optimizer(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9))
+  step = jax.jit(train.make_train_step(model, tx, num_classes=10, label_smoothing=0.0))
   labels = jnp.arange(8) % 10
   variables = switched.variables
-  state = train.TrainState(jnp.zeros((), jnp.int32), variables,
-                           optax.inject_hyperparams(lambda learning_rate: tx)(
-                               learning_rate=0.1).init(variables["params"]), switched.memory)
+  state = train.TrainState(jnp.zeros((), jnp.int32), variables, tx.init(variables["params"]),
+                           switched.memory)
   for _ in range(3):  # sparse training: pruned weights stay exactly zero, the rest move
     state, _ = step(state, {"image": x, "label": labels}, jnp.float32(0.1))
     kernel_now = np.asarray(state.variables["params"]["block3"]["Conv_0"]["kernel"])
@@ -402,7 +399,7 @@ def _lw_expected(k, trained, fresh, init, *, rescale=True, reset_batch_stats=Tru
 def test_lw_variants_under_a_traced_stage_match_their_definition(setup, method, knobs):
   _, _, init, trained, fresh = setup
   plan = _plan(method, **knobs)
-  assert (plan.calibrate_unit(2) is None) == (method == "lw_nonorm")
+  assert (plan.calibrated_unit(2) is None) == (method == "lw_nonorm")
   memory = plan.begin(init, jax.random.key(3))
   definition = dict(rescale=method != "lw_norescale",
                     reset_batch_stats=knobs.get("lw.reset_batch_stats", True),

@@ -95,8 +95,8 @@ def _leaves(tree, prefix=""):
 
 
 def test_two_processes_compute_what_one_does(runs):
-  from reinit import train
-  one, two = (train.load_run(str(workdir)) for workdir in runs)
+  from reinit import workdir as workdir_lib
+  one, two = (workdir_lib.load_run(str(workdir)) for workdir in runs)
   # The standardization calibrated at stage 1, over the global batches.
   norm_one, norm_two = _leaves(one.final_variables["norm"]), _leaves(two.final_variables["norm"])
   assert norm_one.keys() == norm_two.keys()

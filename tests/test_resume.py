@@ -9,6 +9,7 @@ import pytest
 
 from configs import digits as digits_config
 from reinit import train
+from reinit import workdir as workdir_lib
 
 
 class Preempted(Exception):
@@ -36,7 +37,7 @@ def _config(data_dir, **overrides):
 
 def _preempt_after(monkeypatch, batches: int):
   """Makes the trainer stop (as if killed) when it asks for batch number `batches + 1`."""
-  real = train._global_batch  # pylint: disable=protected-access
+  real = train.global_batch
   calls = {"n": 0}
 
   def counting(batch, sharding):
@@ -45,7 +46,7 @@ def _preempt_after(monkeypatch, batches: int):
       if calls["n"] > batches:
         raise Preempted()
     return real(batch, sharding)
-  monkeypatch.setattr(train, "_global_batch", counting)
+  monkeypatch.setattr(train, "global_batch", counting)
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +117,9 @@ def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
     train.train_and_evaluate(config, workdir)
   assert not os.path.exists(os.path.join(workdir, train.RESULTS_FILE))
   checkpoints = os.path.join(workdir, train.CHECKPOINT_DIR)
-  manager = train._checkpoint_manager(workdir)  # pylint: disable=protected-access
+  manager = workdir_lib.checkpoint_manager(workdir)
   assert manager.all_steps(), "the good steps before divergence were checkpointed"
-  state, _ = train._restore_latest(  # pylint: disable=protected-access
-      manager, train._abstract(_any_state(config)))  # pylint: disable=protected-access
+  state, _ = workdir_lib.restore_latest(manager, workdir_lib.abstract(_any_state(config)))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.variables))
   assert os.path.isdir(checkpoints)
 
@@ -151,16 +151,15 @@ def test_inconsistent_checkpoint_is_not_restored(data_dir, tmp_path, caplog):
   loop moved on) would resume at the wrong batch: it is moved aside like a corrupt one."""
   config = _config(data_dir)
   state = _any_state(config)
-  manager = train._checkpoint_manager(str(tmp_path))  # pylint: disable=protected-access
+  manager = workdir_lib.checkpoint_manager(str(tmp_path))
   good = {"global_step": 0, "stage": 0, "step_in_stage": 0}
-  train._save_checkpoint(manager, state, good)  # pylint: disable=protected-access
+  workdir_lib.save_checkpoint(manager, state, good)
   stale = state.replace(step=state.step + 5)  # state at step 5 ...
-  train._save_checkpoint(  # pylint: disable=protected-access
+  workdir_lib.save_checkpoint(
       manager, stale, {"global_step": 7, "stage": 0, "step_in_stage": 7})  # ... saved as 7
   manager.wait_until_finished()
   assert manager.all_steps() == [0, 7]
-  restored, progress = train._restore_latest(  # pylint: disable=protected-access
-      manager, train._abstract(state))  # pylint: disable=protected-access
+  restored, progress = workdir_lib.restore_latest(manager, workdir_lib.abstract(state))
   assert progress == good and int(restored.step) == 0
   assert manager.all_steps() == [0]
   assert os.listdir(tmp_path / "corrupt_checkpoints")

@@ -17,6 +17,7 @@ import pytest
 import reinit
 from configs import digits as digits_config
 from reinit import methods
+from reinit import workdir as workdir_lib
 from reinit.models import get_model, Standardize
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def lw_setup():
 def test_lw_switch_matches_definition(lw_setup, k):
   model, x, init, units, trained, fresh = lw_setup
   memory = {"init_norms": methods.init_norms(init)}
-  switch = jax.jit(lambda v, f, m: methods.lw_switch(k, v, f, m, units=units))
+  switch = jax.jit(lambda v, f, m: methods.lw_transform(k, v, f, m, units=units))
   out = switch(trained, fresh, memory)
   for path, new, old, fr, ini in zip(reinit.paths(out), jax.tree.leaves(out),
                                      jax.tree.leaves(trained), jax.tree.leaves(fresh),
@@ -104,12 +105,12 @@ def test_plans_stage_counts():
   assert methods.make_plan(config, units).num_stages == 7
   config.num_stages = 3
   lw = methods.make_plan(config, units)
-  assert lw.num_stages == 3 and lw.calibrate_unit(2) == "block1"
+  assert lw.num_stages == 3 and lw.calibrated_unit(2) == "block1"
   config.method = "baseline_long"
   long = methods.make_plan(config, units)
   assert long.epochs == (3 * config.epochs_per_stage,)
   config.method = "lw_nonorm"
-  assert methods.make_plan(config, units).calibrate_unit(1) is None
+  assert methods.make_plan(config, units).calibrated_unit(1) is None
   config.method = "nope"
   with pytest.raises(ValueError, match="accepted: baseline"):
     methods.make_plan(config, units)
@@ -254,14 +255,14 @@ def test_foreign_workdir_is_refused_and_left_as_it_was(tmp_path, data_dir):
 
 def test_foreign_entries_ignore_hidden_files_and_logs(tmp_path):
   from reinit import train
-  assert train.foreign_entries(str(tmp_path / "missing")) == []
+  assert workdir_lib.foreign_entries(str(tmp_path / "missing")) == []
   for name in (".DS_Store", "slurm-12.out", "run.log", "run.err"):
     (tmp_path / name).write_text("")
-  assert train.foreign_entries(str(tmp_path)) == []
+  assert workdir_lib.foreign_entries(str(tmp_path)) == []
   (tmp_path / "variables").mkdir()
   (tmp_path / "b.json").write_text("{}")
   (tmp_path / "x.out").mkdir()  # a folder, not a log
-  assert train.foreign_entries(str(tmp_path)) == ["b.json", "variables", "x.out"]
+  assert workdir_lib.foreign_entries(str(tmp_path)) == ["b.json", "variables", "x.out"]
 
 
 @pytest.mark.parametrize("policy", ["off", "on", "fold"])
@@ -271,7 +272,7 @@ def test_lw_earlier_standardizations(lw_setup, policy):
   mean = jnp.linspace(-0.5, 0.5, on["norm"]["block0"]["Standardize_0"]["mean"].shape[0])
   var = jnp.linspace(0.5, 2.0, mean.shape[0])
   on["norm"]["block0"]["Standardize_0"] = {"active": jnp.ones(()), "mean": mean, "var": var}
-  out = methods.lw_switch(2, on, fresh, {"init_norms": methods.init_norms(init)}, units=units,
+  out = methods.lw_transform(2, on, fresh, {"init_norms": methods.init_norms(init)}, units=units,
                           rescale=False, earlier_standardizations=policy)
   assert float(out["norm"]["block0"]["Standardize_0"]["active"]) == (1.0 if policy == "on"
                                                                      else 0.0)

@@ -59,6 +59,7 @@ def load_datasets(data_config):
   """(training subset, test split) as padded eval datasets; data problems are ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
   from reinit import train  # pylint: disable=g-import-not-at-top
+  from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     return (data_lib.eval_train_dataset(data_config),
             data_lib.eval_dataset(data_config, split=data_config.test_split))
@@ -190,7 +191,8 @@ def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches
     reinit.train.ConfigError: no finished run there, or its data is not available.
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
-  run = train.load_run(workdir)
+  from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  run = workdir_lib.load_run(workdir)
   config = run.config.copy_and_resolve_references()
   # Float32 whatever the run computed in: bfloat16 would drown Hessian products in rounding.
   config.compute_dtype = "float32"
@@ -201,6 +203,6 @@ def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches
   result = analyze(run, model, train_ds, test_ds, noise_scales=noise_scales, draws=draws,
                    batches=batches, power_iterations=power_iterations,
                    hessian_iterations=hessian_iterations, analyses=analyses, seed=seed)
-  path = train.workdir_path(workdir, ANALYSIS_FILE)
-  train.write_json_atomically(path, result)
+  path = workdir_lib.path(workdir, ANALYSIS_FILE)
+  workdir_lib.write_json_atomically(path, result)
   return result, str(path)

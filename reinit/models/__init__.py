@@ -4,6 +4,8 @@ Every model's top-level submodules are its LW units in bottom-up order (head las
 unit but the head ends with a `Standardize` (see `standardize.py`).
 """
 
+import jax.numpy as jnp
+
 from reinit.models.resnet import ResNet18, ResNet50
 from reinit.models.simple_cnn import SimpleCNN
 from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION, Standardize
@@ -15,6 +17,15 @@ MODELS = {
     "resnet18": ResNet18,
     "resnet50": ResNet50,
 }
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(config, num_classes: int):
+  """The linen module of a run config (`model`, `width`, `compute_dtype`), `num_classes` out."""
+  return get_model(config.model, num_classes=num_classes, width=config.width,
+                   dtype=COMPUTE_DTYPES[config.compute_dtype])
 
 
 def get_model(name: str, *, num_classes: int, **kwargs):
