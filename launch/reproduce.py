@@ -10,9 +10,9 @@ stopped (and an interrupted run resumes from its checkpoint). With `--scheduler=
 `--slurm.*` options of `launch.sweep`) the unfinished runs go to Slurm as one job array and
 the reproduction waits for it, printing progress; the analyses and the report then run here. Then the runs the config file's
 `analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
-when present), and `reinit.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
+when present), and `launch.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
 prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
-the report from their results with `python -m reinit.report WORKDIR`.
+the report from their results with `python -m launch.report WORKDIR`.
 """
 
 import os
@@ -70,7 +70,7 @@ def main(argv):
   module = sweep.load_module(config_path)
   if _ANALYZE.value and hasattr(module, "analyzed_runs"):
     _analyze(root, finished, module.analyzed_runs(arg))
-  from reinit import report  # pylint: disable=g-import-not-at-top
+  from launch import report  # pylint: disable=g-import-not-at-top
   out = report.build_report(root)
   for name in ("table2", "table3", "analysis"):
     if out["markdown"].get(name):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from launch import report as cli
 from reinit import report
 
 # ------------------------------------------------------------------ statistics
@@ -112,7 +113,7 @@ def results_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(results_tree, tmp_path_factory):
-  return report.build_report(results_tree, str(tmp_path_factory.mktemp("report")))
+  return cli.build_report(results_tree, str(tmp_path_factory.mktemp("report")))
 
 
 def test_runs_are_read_and_broken_files_skipped(built):
@@ -243,7 +244,7 @@ def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
       for method, accuracy in zip(("baseline", "lw"), accuracies):
         _write_run(tmp_path, "digits", "simple_cnn", 200, method, seed, accuracy + 0.01 * seed,
                    config={"label_noise": noise, "lw": {"rescale": True}})
-  built = report.build_report(str(tmp_path))
+  built = cli.build_report(str(tmp_path))
   assert "differ in config" not in capsys.readouterr().err
   table = built["table2"].set_index(report.KEYS + ["label_noise"])
   assert table.loc[("digits", "simple_cnn", 200, 0.2), "lw_mean"] == pytest.approx(0.605)
@@ -263,7 +264,7 @@ def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
 
 
 def test_cli_prints_tables_and_figures(results_tree, tmp_path, capsys):
-  assert report.main([results_tree, "--out", str(tmp_path / "out")]) == 0
+  assert cli.main([results_tree, "--out", str(tmp_path / "out")]) == 0
   out = capsys.readouterr()
   assert "## Table 2" in out.out and "## Table 3" in out.out
   assert out.out.count("figure: ") == 3
@@ -273,15 +274,15 @@ def test_cli_prints_tables_and_figures(results_tree, tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(tmp_path / "missing")])
+    cli.main([str(tmp_path / "missing")])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: DIR=") and "accepted" in err[0]
-  assert report.main([str(tmp_path)]) == 2  # a directory without results
+  assert cli.main([str(tmp_path)]) == 2  # a directory without results
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no readable results.json" in err[0]
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(tmp_path), "--bogus"])
+    cli.main([str(tmp_path), "--bogus"])
   assert exit_info.value.code == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -304,7 +305,7 @@ def test_tables_name_the_versions_and_devices_they_were_made_with(tmp_path):
   _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 0, 0.7,
              provenance=_provenance("0.9.0", commit=None))
   _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 1, 0.7)  # written before provenance
-  built = report.build_report(str(tmp_path))
+  built = cli.build_report(str(tmp_path))
   for name in ("table2", "table3"):
     with open(os.path.join(str(tmp_path), "report", f"{name}.md")) as f:
       footer = f.read().strip().splitlines()[-1]
@@ -324,6 +325,6 @@ def test_footer_of_runs_that_agree_lists_each_value_once(tmp_path):
   for seed in range(3):
     _write_run(tmp_path, "digits", "simple_cnn", 100, "baseline", seed, 0.5,
                provenance=_provenance("0.10.2", count=1, kind="cpu"))
-  footer = report.build_report(str(tmp_path))["markdown"]["table2"].splitlines()[-1]
+  footer = cli.build_report(str(tmp_path))["markdown"]["table2"].splitlines()[-1]
   assert footer == ("Made with (3 runs): python 3.11.7; jax 0.10.2; jaxlib 0.10.2; flax 0.12.8; "
                     "devices 1 × cpu, 2 processes; code aaaaaaaaaaaa; XLA_FLAGS (none).")
