@@ -13,8 +13,9 @@ from reinit.report.runs import EXTRA_KEYS, KEYS, REFERENCES, keys, method_order
 def seed_means(runs: pd.DataFrame) -> pd.DataFrame:
   """Test accuracy per combination (`keys(runs)`) and method: mean, sem, n over seeds."""
   grouped = runs.groupby(keys(runs) + ["method"])["test_accuracy"]
-  out = grouped.agg(mean="mean", n="count").join(grouped.agg(stats.standard_error).rename("sem"))
-  return out[["mean", "sem", "n"]].reset_index()
+  # scipy's sem, not pandas' "sem": pandas' grouped variance differs in the last digits, which
+  # would change the CSVs.
+  return grouped.agg(mean="mean", sem=stats.standard_error, n="count").reset_index()
 
 
 def table2(runs: pd.DataFrame) -> pd.DataFrame:
