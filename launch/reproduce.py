@@ -15,12 +15,12 @@ prints the tables. `--dry_run` prints the run commands (for a cluster) and nothi
 the report from their results with `python -m launch.report WORKDIR`.
 """
 
-import os
 import sys
 import time
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from launch import common
 from launch import sweep  # also defines the --config, --workdir and --dry_run flags used here
@@ -36,14 +36,14 @@ def _analyze(root: str, finished, wanted: list[dict]) -> None:
             if any(all(run.get(k) == v for k, v in w.items()) for w in wanted)]
   progress = common.Progress(len(chosen), "analysis", "analyses")
   for name in chosen:
-    workdir = os.path.join(root, name)
-    if os.path.exists(os.path.join(workdir, analysis_run.ANALYSIS_FILE)):
+    workdir = epath.Path(root) / name
+    if (workdir / analysis_run.ANALYSIS_FILE).exists():
       print(f"{name}: analyzed earlier, skipped [{progress.step()}]", flush=True)
       continue
     print(f"{name}: analyzing ...", flush=True)
     start = time.perf_counter()
     try:
-      result, _ = analysis_run.analyze_workdir(workdir, **defaults)
+      result, _ = analysis_run.analyze_workdir(str(workdir), **defaults)
     except train.ConfigError as e:
       common.fail(str(e))
     print(analysis_run.summary(result), flush=True)
@@ -76,7 +76,7 @@ def main(argv):
     if out["markdown"].get(name):
       print(f"\n{out['markdown'][name]}")
   figures = sorted(path for path in out["files"].values() if path.endswith(".png"))
-  print(f"\nreport: {os.path.dirname(out['files']['runs.csv'])}; figures: {', '.join(figures)}")
+  print(f"\nreport: {epath.Path(out['files']['runs.csv']).parent}; figures: {', '.join(figures)}")
 
 
 def _positional_sweep_as_config(argv: list[str]) -> list[str]:
