@@ -15,7 +15,7 @@ and the head, so K = 17 reinitializations):
   python -m launch.reproduce configs/paper.py:study=full --workdir=gs://BUCKET/paper --dry_run
 
   prints one `launch.main` command per run for a scheduler (launch/slurm_gpu.sh,
-  launch/tpu_pod.sh); once they are done, `python -m reinit.report gs://BUCKET/paper` builds
+  launch/tpu_pod.sh); once they are done, `python -m launch.report gs://BUCKET/paper` builds
   the report. The datasets must be prepared in `data_dir` (`tfds build`). Its cost has not been
   measured: it is dominated by the 18-stage ResNet-50 runs on the whole splits; estimate it
   from `python -m launch.benchmark --model=resnet50 ...` (images/s) times the examples each

@@ -23,7 +23,7 @@ writes RUN/analysis.json with (all in eval mode, float32):
   memorization  when the run trained with `label_noise > 0` and the training batches carry
                 `true_label` and `corrupted`: fit of corrupted vs clean examples
 
-See `reinit/analysis/` for the definitions. `reinit.report` tabulates analysis.json files.
+See `reinit/analysis/` for the definitions. `launch.report` tabulates analysis.json files.
 A bad flag value prints one line naming the flag and the accepted values and exits with 2.
 """
 

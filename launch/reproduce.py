@@ -10,17 +10,17 @@ stopped (and an interrupted run resumes from its checkpoint). With `--scheduler=
 `--slurm.*` options of `launch.sweep`) the unfinished runs go to Slurm as one job array and
 the reproduction waits for it, printing progress; the analyses and the report then run here. Then the runs the config file's
 `analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
-when present), and `reinit.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
+when present), and `launch.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
 prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
-the report from their results with `python -m reinit.report WORKDIR`.
+the report from their results with `python -m launch.report WORKDIR`.
 """
 
-import os
 import sys
 import time
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from launch import common
 from launch import sweep  # also defines the --config, --workdir and --dry_run flags used here
@@ -36,14 +36,14 @@ def _analyze(root: str, finished, wanted: list[dict]) -> None:
             if any(all(run.get(k) == v for k, v in w.items()) for w in wanted)]
   progress = common.Progress(len(chosen), "analysis", "analyses")
   for name in chosen:
-    workdir = os.path.join(root, name)
-    if os.path.exists(os.path.join(workdir, analysis_run.ANALYSIS_FILE)):
+    workdir = epath.Path(root) / name
+    if (workdir / analysis_run.ANALYSIS_FILE).exists():
       print(f"{name}: analyzed earlier, skipped [{progress.step()}]", flush=True)
       continue
     print(f"{name}: analyzing ...", flush=True)
     start = time.perf_counter()
     try:
-      result, _ = analysis_run.analyze_workdir(workdir, **defaults)
+      result, _ = analysis_run.analyze_workdir(str(workdir), **defaults)
     except train.ConfigError as e:
       common.fail(str(e))
     print(analysis_run.summary(result), flush=True)
@@ -70,13 +70,13 @@ def main(argv):
   module = sweep.load_module(config_path)
   if _ANALYZE.value and hasattr(module, "analyzed_runs"):
     _analyze(root, finished, module.analyzed_runs(arg))
-  from reinit import report  # pylint: disable=g-import-not-at-top
+  from launch import report  # pylint: disable=g-import-not-at-top
   out = report.build_report(root)
   for name in ("table2", "table3", "analysis"):
     if out["markdown"].get(name):
       print(f"\n{out['markdown'][name]}")
   figures = sorted(path for path in out["files"].values() if path.endswith(".png"))
-  print(f"\nreport: {os.path.dirname(out['files']['runs.csv'])}; figures: {', '.join(figures)}")
+  print(f"\nreport: {epath.Path(out['files']['runs.csv']).parent}; figures: {', '.join(figures)}")
 
 
 def _positional_sweep_as_config(argv: list[str]) -> list[str]:

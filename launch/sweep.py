@@ -31,6 +31,7 @@ import sys
 
 from absl import app
 from absl import flags
+from etils import epath
 import ml_collections
 from ml_collections import config_flags
 
@@ -140,19 +141,18 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
   progress = common.Progress(len(runs))
   for name, run, config in runs:
-    workdir = os.path.join(root, name)
+    workdir = epath.Path(root) / name
     if dry_run:
-      print(_command(config_path, arg, run, cli_overrides, workdir))
+      print(_command(config_path, arg, run, cli_overrides, str(workdir)))
       continue
-    results_path = os.path.join(workdir, train.RESULTS_FILE)
+    results_path = workdir / train.RESULTS_FILE
     # Without its config.json a results.json is not a run of ours: launch.main refuses it.
-    if os.path.exists(results_path) and os.path.exists(os.path.join(workdir, train.CONFIG_FILE)):
+    if results_path.exists() and (workdir / train.CONFIG_FILE).exists():
       print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
-      with open(results_path) as f:
-        finished.append((name, run, json.load(f)))
+      finished.append((name, run, json.loads(results_path.read_text())))
       continue
     print(f"{name}: running ...", flush=True)
-    results = common.run_or_exit(config, workdir)
+    results = common.run_or_exit(config, str(workdir))
     print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
           f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
           flush=True)
@@ -168,15 +168,16 @@ def slurm_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: st
   tasks as (task, state, log path) (empty without `wait`).
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
+  # A local (shared) directory: Slurm writes the job scripts and logs there.
   root = os.path.abspath(root)
   runs = runs_of(config_path, arg, cli_overrides)
 
   def results_path(i):
-    return os.path.join(root, runs[i][0], train.RESULTS_FILE)
+    return epath.Path(root) / runs[i][0] / train.RESULTS_FILE
 
   entries = [(name, main_argv(os.path.abspath(config_path), arg, run, cli_overrides,
                               os.path.join(root, name), python=sys.executable),
-              os.path.exists(results_path(i)))
+              results_path(i).exists())
              for i, (name, run, _) in enumerate(runs)]
   failed = []
   try:
@@ -186,16 +187,15 @@ def slurm_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: st
     if wait and tracked:
       slurm_dir = os.path.join(root, "slurm")
       failed = slurm_array.wait(
-          slurm_dir, tracked, lambda i: os.path.exists(results_path(i)),
+          slurm_dir, tracked, lambda i: results_path(i).exists(),
           since=slurm_array.submitted_since(slurm_dir, tracked.values()),
           poll_seconds=options.poll_seconds, echo=lambda line: print(line, flush=True)).failed
   except slurm_array.SlurmError as e:
     common.fail(str(e), status=1)
   finished = []
   for i, (name, run, _) in enumerate(runs):
-    if os.path.exists(results_path(i)):
-      with open(results_path(i)) as f:
-        finished.append((name, run, json.load(f)))
+    if results_path(i).exists():
+      finished.append((name, run, json.loads(results_path(i).read_text())))
   return finished, failed
 
 

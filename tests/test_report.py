@@ -5,12 +5,18 @@ and the command line."""
 import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from launch import report as cli
 from reinit import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ statistics
 
@@ -112,7 +118,7 @@ def results_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(results_tree, tmp_path_factory):
-  return report.build_report(results_tree, str(tmp_path_factory.mktemp("report")))
+  return cli.build_report(results_tree, str(tmp_path_factory.mktemp("report")))
 
 
 def test_runs_are_read_and_broken_files_skipped(built):
@@ -243,7 +249,7 @@ def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
       for method, accuracy in zip(("baseline", "lw"), accuracies):
         _write_run(tmp_path, "digits", "simple_cnn", 200, method, seed, accuracy + 0.01 * seed,
                    config={"label_noise": noise, "lw": {"rescale": True}})
-  built = report.build_report(str(tmp_path))
+  built = cli.build_report(str(tmp_path))
   assert "differ in config" not in capsys.readouterr().err
   table = built["table2"].set_index(report.KEYS + ["label_noise"])
   assert table.loc[("digits", "simple_cnn", 200, 0.2), "lw_mean"] == pytest.approx(0.605)
@@ -263,7 +269,7 @@ def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
 
 
 def test_cli_prints_tables_and_figures(results_tree, tmp_path, capsys):
-  assert report.main([results_tree, "--out", str(tmp_path / "out")]) == 0
+  assert cli.main([results_tree, "--out", str(tmp_path / "out")]) == 0
   out = capsys.readouterr()
   assert "## Table 2" in out.out and "## Table 3" in out.out
   assert out.out.count("figure: ") == 3
@@ -273,15 +279,15 @@ def test_cli_prints_tables_and_figures(results_tree, tmp_path, capsys):
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(tmp_path / "missing")])
+    cli.main([str(tmp_path / "missing")])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: DIR=") and "accepted" in err[0]
-  assert report.main([str(tmp_path)]) == 2  # a directory without results
+  assert cli.main([str(tmp_path)]) == 2  # a directory without results
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no readable results.json" in err[0]
   with pytest.raises(SystemExit) as exit_info:
-    report.main([str(tmp_path), "--bogus"])
+    cli.main([str(tmp_path), "--bogus"])
   assert exit_info.value.code == 2
   assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -304,7 +310,7 @@ def test_tables_name_the_versions_and_devices_they_were_made_with(tmp_path):
   _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 0, 0.7,
              provenance=_provenance("0.9.0", commit=None))
   _write_run(tmp_path, "digits", "simple_cnn", 100, "lw", 1, 0.7)  # written before provenance
-  built = report.build_report(str(tmp_path))
+  built = cli.build_report(str(tmp_path))
   for name in ("table2", "table3"):
     with open(os.path.join(str(tmp_path), "report", f"{name}.md")) as f:
       footer = f.read().strip().splitlines()[-1]
@@ -324,6 +330,63 @@ def test_footer_of_runs_that_agree_lists_each_value_once(tmp_path):
   for seed in range(3):
     _write_run(tmp_path, "digits", "simple_cnn", 100, "baseline", seed, 0.5,
                provenance=_provenance("0.10.2", count=1, kind="cpu"))
-  footer = report.build_report(str(tmp_path))["markdown"]["table2"].splitlines()[-1]
+  footer = cli.build_report(str(tmp_path))["markdown"]["table2"].splitlines()[-1]
   assert footer == ("Made with (3 runs): python 3.11.7; jax 0.10.2; jaxlib 0.10.2; flax 0.12.8; "
                     "devices 1 × cpu, 2 processes; code aaaaaaaaaaaa; XLA_FLAGS (none).")
+
+
+# What the subprocess runs: gs:// served from memory by fsspec (etils' fsspec backend; TF's gfile,
+# which epath prefers for gs:// when TensorFlow is installed, is switched off by EPATH_USE_TF=0),
+# the same runs written there and to a local directory, and the report built from both.
+_GS_IN_MEMORY = r"""
+import json, os, sys
+import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
+from etils import epath
+
+class InMemoryGcs(MemoryFileSystem):
+  protocol = ("gs", "gcs")
+
+fsspec.register_implementation("gs", InMemoryGcs, clobber=True)
+fsspec.register_implementation("gcs", InMemoryGcs, clobber=True)
+from launch import report as cli
+
+local = sys.argv[1]
+for root in (epath.Path("gs://bucket/runs"), epath.Path(local) / "runs"):
+  for method, accuracies in (("baseline", (0.5, 0.6)), ("lw", (0.7, 0.9))):
+    for seed, accuracy in enumerate(accuracies):
+      run_dir = root / f"{method}_{seed}"
+      run_dir.mkdir(parents=True, exist_ok=True)
+      (run_dir / "results.json").write_text(json.dumps(
+          {"dataset": "digits", "model": "simple_cnn", "method": method, "seed": seed,
+           "train_examples": 100, "test_accuracy": accuracy, "total_epochs": 30}))
+      if seed == 0:
+        (run_dir / "analysis.json").write_text(json.dumps({"margins": {"train": {"median": 2.0}}}))
+assert cli.main(["gs://bucket/runs", "--out", "gs://bucket/report"]) == 0
+cli.build_report(os.path.join(local, "runs"), os.path.join(local, "report"))
+names = sorted(name for name in InMemoryGcs.store if "/report/" in name)
+texts = {n: (epath.Path("gs://bucket/report") / n).read_text()
+         for n in ("table2.md", "table3.md", "analysis.md", "table2.csv")}
+png = (epath.Path("gs://bucket/report") / "per_dataset.png").read_bytes()[:8]
+print(json.dumps({"names": names, "texts": texts, "png": png.hex()}))
+"""
+
+
+def test_the_report_reads_and_writes_through_a_non_local_epath_backend(tmp_path):
+  work = tmp_path / "work"
+  work.mkdir()
+  proc = subprocess.run(
+      [sys.executable, "-c", _GS_IN_MEMORY, str(tmp_path)], cwd=work, capture_output=True,
+      text=True, timeout=300,
+      env={**os.environ, "EPATH_USE_TF": "0", "PYTHONPATH": str(REPO)})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [n.rsplit("/", 1)[1] for n in got["names"]] == sorted(
+      ["runs.csv", "table2.md", "table2.csv", "table3.md", "table3.csv", "analysis.md",
+       "analysis.csv", "gain_vs_size.png", "per_dataset.png", "compute_vs_accuracy.png"])
+  assert got["png"] == b"\x89PNG\r\n\x1a\n".hex()
+  for name, text in got["texts"].items():  # no paths in them: the same as from a local tree
+    assert text == (tmp_path / "report" / name).read_text(), name
+  assert "| digits | simple_cnn | 100 | 55.00 ± 5.00 | **80.00 ± 10.00** |" in got["texts"][
+      "table2.md"]
+  assert not any(work.iterdir())  # nothing written locally under a path named gs:

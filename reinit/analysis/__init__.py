@@ -3,7 +3,7 @@
 Pure functions over linen models and variables (jax, flax, numpy; no TensorFlow): the paper's
 three explanations of why LW generalizes (larger margin without larger weight norm, flatter
 minima, less memorization), plus layer robustness. `launch/analyze.py` runs them on a finished
-run and writes `WORKDIR/analysis.json`; `reinit.report` tabulates them.
+run and writes `WORKDIR/analysis.json`; `launch.report` tabulates them.
 """
 
 from reinit.analysis.flatness import classification_loss
