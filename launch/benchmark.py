@@ -4,9 +4,9 @@ r"""Speed of one model on this machine: train and eval steps, stage switches, re
     [--dataset=digits] [--method=lw] [--width=1.0] [--compute_dtype=float32|bfloat16] \
     [--steps=10] [--repeats=3]
 
-Uses the trainer's own pieces (`reinit.train.build_runtime`, the ahead-of-time compiled steps
-of `compile_steps`, the stage switch `_stage_start`) and reports, after a warm-up, medians over
-`--repeats`:
+Uses the trainer's public pieces (`reinit.train.build_runtime`, the ahead-of-time compiled
+steps of `compile_steps`, `initial_state` and the stage switch `switch_stage`) and reports, after
+a warm-up, medians over `--repeats`:
   train_step_ms, train_images_per_s  `--steps` train steps on a device-resident batch;
   eval_images_per_s                  the same for the eval step;
   reinit_transform_ms                one whole stage switch of `--method` (fresh init, switch,
@@ -16,13 +16,13 @@ of `compile_steps`, the stage switch `_stage_start`) and reports, after a warm-u
                                      `reinit.data.train_dataset` over images/s fed from device;
   stage_switch_recompiles            compilations of the jitted train and eval steps caused by
                                      three consecutive stage switches of every method of
-                                     `reinit.methods.METHODS` (JAX compile events and the
-                                     steps' jit cache sizes; 0 is the contract). The AOT
+                                     `reinit.methods.METHODS` (JAX's tracing and compile
+                                     events; 0 is the contract). The AOT
                                      compiled steps must also accept every switched state.
 plus peak_memory_mb, train_flops_per_image (XLA cost analysis), mfu (on an accelerator of known
 peak; null on CPU) and imported_tf. Progress goes to stderr; the LAST stdout line is one JSON
-object. Without --dataset the data are synthetic and device-resident and neither TensorFlow,
-TFDS nor clu is imported (`"imported_tf": false`). XLA flags: `XLA_FLAGS` plus those
+object. Without --dataset the data are synthetic and device-resident and neither TensorFlow
+nor TFDS is imported (`"imported_tf": false`). XLA flags: `XLA_FLAGS` plus those
 `launch.common` adds, recorded in the JSON. About a minute for simple_cnn (train step ~450
 images/s on 2 CPU cores) and four for resnet18; `--check_methods=none` skips the recompile
 check.
@@ -42,7 +42,6 @@ from launch import common  # pylint: disable=g-bad-import-order  # sets the env 
 from absl import app
 from absl import flags
 import jax
-from jax._src import dispatch
 import jax.numpy as jnp
 import numpy as np
 
@@ -51,6 +50,8 @@ from reinit import methods
 from reinit import models
 from reinit import train
 from reinit import tree as tree_lib
+from reinit import validation
+from reinit import workdir as workdir_lib
 
 _MODEL = flags.DEFINE_enum("model", "simple_cnn", sorted(models.MODELS), "Architecture.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global train and eval batch size.",
@@ -88,9 +89,14 @@ _PEAK_FLOPS = {
     "tpu v5": {"bfloat16": 459e12, "float32": 459e12},
     "tpu v6": {"bfloat16": 918e12, "float32": 918e12},
 }
-_HEAVY_MODULES = ("tensorflow", "tensorflow_datasets", "clu")
+# clu is not among them: the eval step's `clu.metrics` are pure JAX and import no TensorFlow.
+_HEAVY_MODULES = ("tensorflow", "tensorflow_datasets")
 # Fields of `reinit.train.Runtime` that no method changes (the plan's own are not shared).
 _METHOD_INDEPENDENT = ("init", "opt_init", "train_step", "eval_step")
+# `jax.monitoring` events of a (re)trace and of an XLA compilation (persistent-cache hits
+# trace too): the names `jax._src.dispatch` gives them.
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/backend_compile_duration")
 
 
 def _log(message: str) -> None:
@@ -114,7 +120,7 @@ def make_config(method: str):
     config.image_size = _IMAGE_SIZE.value or 32
   if _DATA_DIR.value:
     config.data_dir = _DATA_DIR.value
-  train.validate_config(config)
+  validation.validate(config)
   return config
 
 
@@ -146,23 +152,23 @@ def host_batches(image_shape, num_classes: int, batch_size: int, pipeline_batch=
 class Setup:
   """One method's plan with the trainer's runtime, device batches and stage switch.
 
-  `runtimes` (holds_zeros -> runtime), when given, is reused and filled: the method-independent
-  jitted functions of the first runtime built are shared by the next methods.
+  `runtimes` (plan optimizer -> runtime), when given, is reused and filled: the
+  method-independent jitted functions of the first runtime built are shared by the next methods.
   """
 
   def __init__(self, config, image_shape, num_classes: int, host_train, host_eval,
                runtimes: dict | None = None):
     self.config = config
-    self.keys = train._run_keys(config.seed)  # pylint: disable=protected-access
+    self.keys = train.run_keys(config.seed)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    units = tree_lib.layer_order(train.create_model(config, num_classes), self.keys[0], dummy,
+    units = tree_lib.layer_order(train.create_model(config, num_classes), self.keys.init, dummy,
                                  train=False)
     self.plan = methods.make_plan(config, units)
     self.runtime = train.build_runtime(config, num_classes, image_shape, self.plan)
     if runtimes is not None:
-      # These depend on the model, the optimizer and `holds_zeros`, not on the method: methods
-      # whose states have one signature share one compilation of each.
-      shared = runtimes.setdefault(self.plan.holds_zeros, self.runtime)
+      # These depend on the model and the (wrapped) optimizer, not on the method: methods whose
+      # states have one signature share one compilation of each.
+      shared = runtimes.setdefault(self.plan.optimizer, self.runtime)
       self.runtime = dataclasses.replace(self.runtime, **{
           field: getattr(shared, field) for field in _METHOD_INDEPENDENT})
     self.train_batch = jax.device_put(host_train, self.runtime.batch_sharding)
@@ -170,14 +176,24 @@ class Setup:
     self.learning_rate = jax.device_put(jnp.float32(0.01), self.runtime.replicated)
     # The trainer reads calibration batches from a host iterator: so does the benchmark.
     self.calibration = itertools.repeat({"image": host_train["image"]})
+    self.steps = None  # `compile`: the AOT compiled steps
 
-  def stage_start(self, k: int, state, variables=None):
-    """The state at the start of stage k, by the trainer's own `_stage_start`."""
-    return train._stage_start(  # pylint: disable=protected-access
-        self.runtime, self.plan, self.config, k, state, variables, self.calibration, self.keys)
+  def compile(self, state) -> train.CompiledSteps:
+    self.steps = train.compile_steps(self.runtime, state, _abstract(self.train_batch),
+                                     _abstract(self.eval_batch))
+    return self.steps
+
+  def stage_start(self, k: int, state):
+    """The state at the start of stage k >= 1, by the trainer's own `switch_stage`."""
+    unit = self.plan.calibrated_unit(k)
+    calibration = None if unit is None else (unit, train.calibration_images(
+        self.calibration, self.plan.calibration.batches, self.runtime.batch_sharding))
+    return train.switch_stage(self.runtime, k, state, self.keys,
+                              reset_optimizer=self.config.reset_optimizer,
+                              calibration=calibration)
 
   def initial_state(self):
-    return self.stage_start(0, None, self.runtime.init(self.keys[0]))
+    return train.initial_state(self.runtime, self.keys)
 
   @property
   def switches(self) -> range:
@@ -186,8 +202,7 @@ class Setup:
 
 
 def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                      tree)
+  return workdir_lib.abstract(tree)
 
 
 # ---------------------------------------------------------------- timing
@@ -206,7 +221,7 @@ def _durations(run, repeats: int) -> list[float]:
 def time_train_steps(setup: Setup, state, steps: int, repeats: int, next_batch=None):
   """(state, seconds per step of each repeat) of the AOT compiled train step, on the
   device-resident batch or, when given, on `next_batch()` for every step."""
-  step = setup.runtime.compiled_train_step
+  step = setup.steps.train_step
   next_batch = next_batch or (lambda: setup.train_batch)
   holder = [state]
 
@@ -223,7 +238,7 @@ def time_train_steps(setup: Setup, state, steps: int, repeats: int, next_batch=N
 
 def time_eval_steps(setup: Setup, variables, steps: int, repeats: int) -> list[float]:
   """Seconds per AOT compiled eval step of each repeat, on the device-resident batch."""
-  step = setup.runtime.compiled_eval_step
+  step = setup.steps.eval_step
 
   def run(n):
     jax.block_until_ready([step(variables, setup.eval_batch) for _ in range(n)])
@@ -239,11 +254,10 @@ def time_stage_switches(setup: Setup, state, repeats: int):
   raise if a switch changed a shape, dtype or sharding. Timed switches then start from the
   same state, stages 1..3 in turn, `repeats` rounds. No durations for one-stage methods.
   """
-  runtime = setup.runtime
   for k in setup.switches:
     state = setup.stage_start(k, state)
-    runtime.compiled_eval_step(state.variables, setup.eval_batch)
-    state, _ = runtime.compiled_train_step(state, setup.train_batch, setup.learning_rate)
+    setup.steps.eval_step(state.variables, setup.eval_batch)
+    state, _ = setup.steps.train_step(state, setup.train_batch, setup.learning_rate)
   state = jax.block_until_ready(state)
   durations = []
   for _ in range(repeats):
@@ -265,7 +279,7 @@ class CompileCounter:
 
   def _listen(self, event, duration, **kwargs):
     del duration
-    if self._active and event == dispatch.BACKEND_COMPILE_EVENT:
+    if self._active and event in _COMPILE_EVENTS:
       self.names.append(kwargs.get("fun_name", "?"))
 
   def run(self, fn, *args):
@@ -278,10 +292,9 @@ class CompileCounter:
 
 def switch_recompiles(config, image_shape, num_classes: int, method_names,
                       counter: CompileCounter) -> dict[str, int]:
-  """method -> compilations of the jitted (not AOT) train and eval steps that its first three
-  stage switches cause: compile events while the steps run on each switched state, or the
-  growth of the steps' jit caches, whichever is larger. Shapes play no part in this, so it runs
-  at one image per device."""
+  """method -> (re)traces and compilations of the jitted (not AOT) train and eval steps that its
+  first three stage switches cause: JAX's tracing and compile events while the steps run on
+  each switched state. Shapes play no part in this, so it runs at one image per device."""
   batch_size = jax.device_count()
   host_train, host_eval = host_batches(image_shape, num_classes, batch_size)
   runtimes = {}
@@ -290,7 +303,6 @@ def switch_recompiles(config, image_shape, num_classes: int, method_names,
     method_config = config.copy_and_resolve_references()
     method_config.update(method=name, batch_size=batch_size, eval_batch_size=batch_size)
     probe = Setup(method_config, image_shape, num_classes, host_train, host_eval, runtimes)
-    jitted = (probe.runtime.train_step, probe.runtime.eval_step)
 
     def run_steps(state, probe=probe):
       jax.block_until_ready(probe.runtime.eval_step(state.variables, probe.eval_batch))
@@ -298,12 +310,10 @@ def switch_recompiles(config, image_shape, num_classes: int, method_names,
       return jax.block_until_ready(state)
 
     state = run_steps(probe.initial_state())  # stage 0 may compile: a new state signature
-    sizes = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
     compiled_before = len(counter.names)
     for k in probe.switches:
       state = counter.run(run_steps, probe.stage_start(k, state))
-    grown = sum(f._cache_size() - n for f, n in zip(jitted, sizes))  # pylint: disable=protected-access
-    counts[name] = max(len(counter.names) - compiled_before, grown)
+    counts[name] = len(counter.names) - compiled_before
   return counts
 
 
@@ -329,14 +339,6 @@ def peak_memory_mb(device) -> tuple[float, str]:
   if "peak_bytes_in_use" in stats:
     return stats["peak_bytes_in_use"] / 2**20, "device"
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
-
-
-def _device_flops(compiled) -> float:
-  """FLOPs of one device's share of a compiled data-parallel step (XLA's cost analysis)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", float("nan")))
 
 
 def model_flops_utilization(device, flops_per_step: float, step_s: float, devices: int,
@@ -365,7 +367,7 @@ def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: in
   sharding = setup.runtime.batch_sharding
   return time_train_steps(
       setup, state, steps, repeats,
-      next_batch=lambda: train._global_batch(next(iterator), sharding))  # pylint: disable=protected-access
+      next_batch=lambda: train.global_batch(next(iterator), sharding))
 
 
 # ---------------------------------------------------------------- main
@@ -385,9 +387,8 @@ def benchmark() -> dict:
                                        pipeline_batch)
   setup = Setup(config, image_shape, num_classes, host_train, host_eval)
   state = setup.initial_state()
-  compile_info = train.compile_steps(setup.runtime, state, _abstract(setup.train_batch),
-                                     _abstract(setup.eval_batch))
-  _log(f"compiled the train and eval steps in {compile_info['compile_s']:.1f} s")
+  compiled = setup.compile(state)
+  _log(f"compiled the train and eval steps in {compiled.compile_s:.1f} s")
 
   steps, repeats, batch = _STEPS.value, _REPEATS.value, config.batch_size
   state, train_s = time_train_steps(setup, state, steps, repeats)
@@ -407,7 +408,7 @@ def benchmark() -> dict:
 
   device = jax.devices()[0]
   devices = setup.runtime.replicated.mesh.size
-  flops_per_step = _device_flops(setup.runtime.compiled_train_step) * devices
+  flops_per_step = compiled.train_step_flops
   memory_mb, memory_source = peak_memory_mb(device)
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": image_shape[0],
@@ -429,7 +430,7 @@ def benchmark() -> dict:
       "train_flops_per_image": flops_per_step / batch,
       "mfu": model_flops_utilization(device, flops_per_step, step_s, devices,
                                      _COMPUTE_DTYPE.value),
-      "compile_s": round(compile_info["compile_s"], 2),
+      "compile_s": round(compiled.compile_s, 2),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "imported_tf": any(name in sys.modules for name in _HEAVY_MODULES),
   }

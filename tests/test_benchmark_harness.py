@@ -57,7 +57,7 @@ def test_counts_the_recompiles_of_a_switch_that_changes_a_dtype():
         norm = jax.tree.map(lambda x: x.astype(jnp.bfloat16), variables["norm"])
         return {**variables, "norm": norm}
 
-      methods.deactivate_standardizations = to_bf16
+      methods.lw.deactivate_standardizations = to_bf16
       config = configs.get_config("model=simple_cnn,method=lw")
       config.update(width=0.125, image_size=8)
       counts = benchmark.switch_recompiles(config, (8, 8, 3), 10, ["lw"],

@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 
 from reinit.report import provenance
+from reinit.workdir import ANALYSIS_FILE
+from reinit.workdir import RESULTS_FILE
 
-# TODO(lead): from reinit.workdir
-RESULTS_FILE = "results.json"
-ANALYSIS_FILE = "analysis.json"
 REFERENCES = ("baseline", "baseline_long")
 KEYS = ["dataset", "model", "train_examples"]  # one row of Table 2: a "combination"
 # Config fields that also tell combinations apart, where the runs under DIR differ in them.
