@@ -30,6 +30,7 @@ from reinit import data
 from reinit import methods
 from reinit import models
 from reinit import train as train_lib
+from reinit import validation
 
 BENCHMARKS = [key for key in benchmark.DATASETS if key != "digits"]
 MODELS = ("simple_cnn", "vgg16", "resnet18", "resnet50")
@@ -80,7 +81,7 @@ def test_all_keys_and_models_parse():
   for key in benchmark.DATASETS:
     for model in MODELS:
       config = _parse_config_flag(f"configs/benchmark.py:dataset={key},model={model},method=lw")
-      train_lib.validate_config(config)
+      validation.validate(config)
       bench = benchmark.DATASETS[key]
       assert (config.dataset, config.model, config.method) == (key, model, "lw")
       assert config.tfds_name == bench.tfds_name
