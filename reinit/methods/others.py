@@ -152,16 +152,18 @@ def _where_kept(tree: PyTree, keep: PyTree) -> PyTree:
 def hold_at_zero(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
   """DSD's sparse training as an optimizer wrapper (as jaxpruner wraps optimizers).
 
-  Where `memory['keep']` is False, the gradients `inner` sees and the updates it returns are
-  zero: a weight pruned to zero by `dsd_switch` stays exactly zero, and the momentum of `inner`
-  gathers nothing there. `update` takes the method's memory as the keyword `memory`.
+  Where `memory['keep']` is False, the gradients `inner` sees are zero: there a weight that
+  `dsd_switch` pruned to zero, with a fresh (or masked-reset) optimizer state, gets a zero
+  update from SGD with momentum and decoupled weight decay and stays exactly zero (tested).
+  An inner optimizer that moves a weight with a zero gradient and zero state would need its
+  updates masked too; ours does not, and masking them would change the rounding of every kept
+  weight's update (XLA fuses the update into the parameter addition). `update` takes the
+  method's memory as the keyword `memory`.
   """
   inner = optax.with_extra_args_support(inner)
 
   def update(updates, state, params=None, *, memory, **extra_args):
-    keep = memory["keep"]
-    updates, state = inner.update(_where_kept(updates, keep), state, params, **extra_args)
-    return _where_kept(updates, keep), state
+    return inner.update(_where_kept(updates, memory["keep"]), state, params, **extra_args)
   return optax.GradientTransformationExtraArgs(inner.init, update)
 
 
