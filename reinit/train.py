@@ -543,16 +543,14 @@ def _save_variables(workdir: str, name: str, variables) -> None:
 def _load_data(config):
   """Dataset info and tf.data pipelines; data problems become one-line ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
   try:
-    info = data_lib.dataset_info(config)
-    train_ds, steps_per_epoch = data_lib.train_dataset(config, **shard)
-    calibration_ds, _ = data_lib.train_dataset(config, **shard)
-    test_ds = data_lib.eval_dataset(config, split=config.test_split, **shard)
-    train_eval_ds = data_lib.eval_train_dataset(config, **shard)
+    data = data_lib.Data(config, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    # Two independent datasets over the same stream: training and LW's calibration batches.
+    return (data.info, data.train(), data.steps_per_epoch, data.train(),
+            data.eval(config.test_split), data.train_eval())
   except ValueError as e:
     raise ConfigError(str(e).splitlines()[0]) from e
-  return info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds
 
 
 def _run_keys(seed: int):
