@@ -11,8 +11,12 @@ dataset of the same image shape and number of classes.
 
 import functools
 import inspect
+import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 import time
 
 from absl import flags
@@ -326,6 +330,27 @@ def test_eval_counts_every_example_once(mock_tfds):
   # Test and train-subset batches share one structure: one compiled eval step serves both.
   assert set(batches[0]) == set(as_train[0]) == {"image", "label", "true_label", "corrupted",
                                                   "mask"}
+
+
+# --- launch.benchmark --dataset ------------------------------------------------------------------
+
+
+def test_benchmark_times_the_pipeline_of_a_dataset(digits_dir):
+  """`launch.benchmark --dataset` (which took over launch/pipeline_benchmark.py) reports the
+  pipeline's own speed and the pipeline-fed train step, under launch.common's XLA flags."""
+  args = ["-m", "launch.benchmark", "--dataset=digits", f"--data_dir={digits_dir}",
+          "--width=0.125", "--batch_size=16", "--steps=2", "--repeats=2",
+          "--pipeline_batches=5", "--check_methods=none"]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["dataset"] == "digits" and result["image_shape"] == [8, 8, 1]
+  assert result["augment"] == "none"
+  for key in ("pipeline_images_per_s", "input_pipeline_ratio", "pipeline_over_train_step"):
+    assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+  assert result["imported_tf"] is True
 
 
 # --- a folder of images per class ----------------------------------------------------------------
