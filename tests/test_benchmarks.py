@@ -2,8 +2,9 @@
 class-balanced subsets and label noise across methods, and folders of images.
 
 The 12 TFDS datasets are served by `tfds.testing.mock_data` (random examples; on disk only the
-metadata that each builder's code defines, see conftest.py's `mock_tfds`), so these tests check what the configs and pipelines do with each builder's real metadata
-(classes, native shapes, split names), offline; subsets and label noise use the real embedded
+metadata that each builder's code defines, see conftest.py's `mock_tfds`), so these tests check
+what the configs and pipelines do with each builder's real metadata (classes, native shapes,
+split names), offline; subsets and label noise use the real embedded
 `digits`. Compiling dominates the run time: models are tiny (width 1/16, batches of 8),
 compiled without XLA's CPU optimizations, initialized on the host, and one program serves every
 dataset of the same image shape and number of classes.
