@@ -8,73 +8,16 @@ Run (offline, about a minute on 2 CPU cores):
 
 Any field can be overridden after that, e.g. `--config.seed=1 --config.train_examples=500
 --config.num_stages=3 --config.data_dir=/data/tfds --config.label_noise=0.2`. `dataset` is a key
-of `DATASETS` below, any TFDS name prepared in `data_dir`, or `folder:ROOT` for a folder of
-images per class (ROOT/SPLIT/CLASS/*.png|jpg; set `image_size`). Classes and shapes are always
-read from the builder's info.
+of `DATASETS` (reinit/data/registry.py), any TFDS name prepared in `data_dir`, or `folder:ROOT`
+for a folder of images per class (ROOT/SPLIT/CLASS/*.png|jpg; set `image_size`). Classes and
+shapes are always read from the builder's info.
 """
-
-from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
 
-from reinit import methods
-from reinit import models
-
-
-class Benchmark(NamedTuple):
-  """One benchmark dataset: the config fields it sets, then TFDS metadata (hints only).
-
-  The hints document the README table and are checked by tests/test_benchmarks.py against the
-  installed TFDS builders (classes, native shape); the pipeline always reads classes and shapes
-  from the builder itself. Split sizes are those of the TFDS 4.9.10 catalog for the split
-  strings below (`train[:80%]` of 27,000 is 21,600).
-  """
-  tfds_name: str
-  train_split: str
-  test_split: str
-  image_size: int | None           # None keeps the native size
-  augment: str                     # none, crop (no flip: digits) or crop_flip
-  train_examples: int | None       # default subset size; None: the whole train split
-  num_classes: int | None = None
-  native_shape: tuple | None = None  # (H, W, C); None where H and W vary per image
-  train_size: int | None = None
-  test_size: int | None = None
-
-
-_VARIABLE = (None, None, 3)
-DATASETS = {
-    "digits": Benchmark("digits", "train", "test", None, "none", 200,
-                        10, (8, 8, 1), 1297, 500),
-    "cifar10": Benchmark("cifar10", "train", "test", 32, "crop_flip", None,
-                         10, (32, 32, 3), 50000, 10000),
-    "cifar100": Benchmark("cifar100", "train", "test", 32, "crop_flip", None,
-                          100, (32, 32, 3), 50000, 10000),
-    "svhn": Benchmark("svhn_cropped", "train", "test", 32, "crop", None,
-                      10, (32, 32, 3), 73257, 26032),
-    "fashion_mnist": Benchmark("fashion_mnist", "train", "test", 32, "crop_flip", None,
-                               10, (28, 28, 1), 60000, 10000),
-    # 101 object classes plus the BACKGROUND_Google clutter class; 30 train images per class.
-    "caltech101": Benchmark("caltech101", "train", "test", 64, "crop_flip", None,
-                            102, _VARIABLE, 3060, 6084),
-    "birds": Benchmark("caltech_birds2011", "train", "test", 64, "crop_flip", None,
-                       200, _VARIABLE, 5994, 5794),
-    # TFDS's dtd splits are fold 1 of the official 10 folds (1,880 images each).
-    "dtd": Benchmark("dtd", "train+validation", "test", 64, "crop_flip", None,
-                     47, _VARIABLE, 3760, 1880),
-    "flowers": Benchmark("oxford_flowers102", "train+validation", "test", 64, "crop_flip", None,
-                         102, _VARIABLE, 2040, 6149),
-    "pets": Benchmark("oxford_iiit_pet", "train", "test", 64, "crop_flip", None,
-                      37, _VARIABLE, 3680, 3669),
-    "dogs": Benchmark("stanford_dogs", "train", "test", 64, "crop_flip", None,
-                      120, _VARIABLE, 12000, 8580),
-    # One TFDS split only (27,000 images): its first 80% trains, the rest tests.
-    "eurosat": Benchmark("eurosat/rgb", "train[:80%]", "train[80%:]", 64, "crop_flip", None,
-                         10, (64, 64, 3), 21600, 5400),
-    # One TFDS split only (5,000 images).
-    "colorectal": Benchmark("colorectal_histology", "train[:80%]", "train[80%:]", 64,
-                            "crop_flip", None, 8, (150, 150, 3), 4000, 1000),
-}
+from reinit.data.registry import Benchmark
+from reinit.data.registry import DATASETS
 
 
 def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
@@ -89,16 +32,9 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, str]:
   return values
 
 
-def _check_choice(field: str, value: str, accepted) -> None:
-  if value not in accepted:
-    raise ValueError(f"{field}={value!r} is unknown; accepted: {', '.join(accepted)}")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The run's config; `arg` is `dataset=...,model=...,method=...` (all optional)."""
   spec = parse_arg(arg, dataset="digits", model="simple_cnn", method="lw")
-  _check_choice("model", spec["model"], sorted(models.MODELS))
-  _check_choice("method", spec["method"], methods.METHODS)
 
   config = ml_collections.ConfigDict()
   config.dataset = spec["dataset"]

@@ -13,7 +13,11 @@ a warm-up, medians over `--repeats`:
                                      standardization calibration, optimizer reset) until ready,
                                      stages 1..3 in turn;
   input_pipeline_ratio               with --dataset only: images/s of the train step fed by
-                                     `reinit.data.train_dataset` over images/s fed from device;
+                                     `reinit.data.Data.train` over images/s fed from device;
+  pipeline_images_per_s              with --dataset only: images/s of the pipeline alone,
+                                     `--pipeline_batches` numpy batches after one epoch;
+                                     `pipeline_over_train_step` is it over train_images_per_s
+                                     (below 1: the pipeline is the bottleneck);
   stage_switch_recompiles            compilations of the jitted train and eval steps caused by
                                      three consecutive stage switches of every method of
                                      `reinit.methods.METHODS` (JAX's tracing and compile
@@ -62,6 +66,9 @@ _IMAGE_SIZE = flags.DEFINE_integer(
 _DATASET = flags.DEFINE_string(
     "dataset", None, "Also time the train step fed by this dataset's tf.data pipeline.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir of --dataset.")
+_PIPELINE_BATCHES = flags.DEFINE_integer(
+    "pipeline_batches", 200, "Training batches of --dataset's pipeline timed alone.",
+    lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "lw", methods.METHODS, "Method whose switch is timed.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of the model.", lower_bound=0)
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
@@ -132,11 +139,11 @@ def data_spec(config):
     return (config.image_size, config.image_size, 3), _NUM_CLASSES.value, None
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
   try:
-    info = data_lib.dataset_info(config)
-    train_ds, _ = data_lib.train_dataset(config)
+    data = data_lib.Data(config)
   except ValueError as e:  # not prepared, bad split...: the user's to fix
     raise train.ConfigError(common.one_line(e)) from e
-  return tuple(info.image_shape), info.num_classes, next(train_ds.as_numpy_iterator())
+  return (tuple(data.info.image_shape), data.info.num_classes,
+          next(data.train().as_numpy_iterator()))
 
 
 def host_batches(image_shape, num_classes: int, batch_size: int, pipeline_batch=None):
@@ -356,18 +363,32 @@ def model_flops_utilization(device, flops_per_step: float, step_s: float, device
 # ---------------------------------------------------------------- input pipeline
 
 
-def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: int):
-  """(state, seconds per step of each repeat) of the train step fed by the real tf.data
-  pipeline, as the trainer feeds it; one epoch first fills the pipeline's cache."""
-  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
-  train_ds, steps_per_epoch = data_lib.train_dataset(config)
+def pipeline_images_per_s(train_ds, steps_per_epoch: int, batches: int) -> float:
+  """images/s of `batches` numpy batches, after one epoch plus a few batches of warm-up (which
+  fill the pipeline's cache)."""
   iterator = train_ds.as_numpy_iterator()
-  for _ in range(steps_per_epoch + 1):
+  for _ in range(steps_per_epoch + 5):
+    next(iterator)
+  start = time.perf_counter()
+  images = sum(len(next(iterator)["label"]) for _ in range(batches))
+  return images / (time.perf_counter() - start)
+
+
+def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: int):
+  """(state, seconds per step of each repeat, pipeline images/s): the train step fed by the
+  real tf.data pipeline, as the trainer feeds it, after one epoch fills the pipeline's cache;
+  and the pipeline alone over `--pipeline_batches` batches."""
+  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  data = data_lib.Data(config)
+  pipeline = pipeline_images_per_s(data.train(), data.steps_per_epoch, _PIPELINE_BATCHES.value)
+  iterator = data.train().as_numpy_iterator()
+  for _ in range(data.steps_per_epoch + 1):
     next(iterator)
   sharding = setup.runtime.batch_sharding
-  return time_train_steps(
+  state, fed_s = time_train_steps(
       setup, state, steps, repeats,
       next_batch=lambda: train.global_batch(next(iterator), sharding))
+  return state, fed_s, pipeline
 
 
 # ---------------------------------------------------------------- main
@@ -395,11 +416,11 @@ def benchmark() -> dict:
   step_s = statistics.median(train_s)
   _log(f"train step {1000 * step_s:.1f} ms ({batch / step_s:.1f} images/s)")
   eval_s = statistics.median(time_eval_steps(setup, state.variables, steps, repeats))
-  ratio = None
+  ratio = pipeline = None
   if _DATASET.value:
-    state, fed_s = time_pipeline_fed_steps(setup, config, state, steps, repeats)
+    state, fed_s, pipeline = time_pipeline_fed_steps(setup, config, state, steps, repeats)
     ratio = step_s / statistics.median(fed_s)
-    _log(f"input pipeline ratio {ratio:.2f}")
+    _log(f"input pipeline ratio {ratio:.2f}, pipeline alone {pipeline:.1f} images/s")
   state, switch_s = time_stage_switches(setup, state, repeats)
   switch_s = statistics.median(switch_s) if switch_s else None
   _log(f"stage switch {_ms(switch_s)} ms")
@@ -426,6 +447,10 @@ def benchmark() -> dict:
       "stage_switch_recompiles": sum(recompiles.values()),
       "stage_switch_recompiles_by_method": recompiles,
       "input_pipeline_ratio": None if ratio is None else round(ratio, 3),
+      "pipeline_images_per_s": None if pipeline is None else round(pipeline, 1),
+      "pipeline_over_train_step": None if pipeline is None
+                                  else round(pipeline * step_s / batch, 3),
+      "augment": config.augment if _DATASET.value else None,
       "peak_memory_mb": round(memory_mb, 1), "peak_memory_source": memory_source,
       "train_flops_per_image": flops_per_step / batch,
       "mfu": model_flops_utilization(device, flops_per_step, step_s, devices,

@@ -3,13 +3,13 @@ r"""Prepare the benchmark datasets: `python -m launch.prepare --datasets=all|KEY
   python -m launch.prepare --datasets=all --data_dir=/data/tfds
   python -m launch.prepare --datasets=digits,cifar10 --data_dir=/data/tfds --nodownload
 
-For each dataset (a key of `DATASETS` in configs/benchmark.py): already prepared in DIR -> ready;
-`digits` is built locally from scikit-learn (no download); any other is downloaded and prepared
-with TFDS (`download_and_prepare`) when the hosts of its files answer within `--probe_timeout`
-seconds. A dataset that cannot be prepared (offline, a moved URL, a changed file) gets the exact
-manual steps: `curl` commands that put its files into DIR/downloads/manual/, where TFDS picks
-them up (checking their sizes and checksums) when this command runs again. Ends with a table of
-which datasets are ready in DIR.
+For each dataset (a key of `DATASETS` in reinit/data/registry.py): already prepared in DIR ->
+ready; `digits` is built locally from scikit-learn (no download); any other is downloaded and
+prepared with TFDS (`download_and_prepare`) when the hosts of its files answer within
+`--probe_timeout` seconds. A dataset that cannot be prepared (offline, a moved URL, a changed
+file) gets the exact manual steps: `curl` commands that put its files into
+DIR/downloads/manual/, where TFDS picks them up (checking their sizes and checksums) when this
+command runs again. Ends with a table of which datasets are ready in DIR.
 
 Exit status: 0 when every requested dataset is ready, 1 when some are missing (the table and the
 manual steps say which and why), 2 for a bad flag (one line naming it).
@@ -26,9 +26,10 @@ from absl import app
 from absl import flags
 
 from launch import common
+from reinit.data.registry import DATASETS
 
 _DATASETS = flags.DEFINE_list("datasets", None, "`all` or comma-separated keys of "
-                              "configs/benchmark.py DATASETS.")
+                              "reinit/data/registry.py DATASETS.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to prepare the datasets in.")
 _DOWNLOAD = flags.DEFINE_bool("download", True, "Download what is missing (--nodownload: only "
                               "report, build digits and print the manual steps).")
@@ -47,12 +48,11 @@ _TROUBLED = ("caltech101", "caltech_birds2011")
 
 def dataset_keys(value: list[str]) -> list[str]:
   """`--datasets` -> benchmark keys (in DATASETS order for `all`); a bad key exits with 2."""
-  from configs.benchmark import DATASETS  # pylint: disable=g-import-not-at-top
   keys = list(DATASETS) if value == ["all"] else list(dict.fromkeys(value))
   unknown = [k for k in keys if k not in DATASETS]
   if unknown or not keys:
     common.fail(f"--datasets={','.join(value)} is invalid; accepted: all or comma-separated keys "
-                f"of configs/benchmark.py DATASETS: {', '.join(DATASETS)}")
+                f"of reinit/data/registry.py DATASETS: {', '.join(DATASETS)}")
   return keys
 
 
@@ -109,15 +109,14 @@ def prepare(key: str, data_dir: str, *, download: bool, probe_timeout: float,
             reachable_hosts: dict) -> tuple[bool, str, str | None]:
   """Prepares one dataset. Returns (ready, detail, manual steps or None)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from configs.benchmark import DATASETS  # pylint: disable=g-import-not-at-top
   # Also registers the local `digits` builder with TFDS.
-  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  from reinit.data import builders  # pylint: disable=g-import-not-at-top
   name = DATASETS[key].tfds_name
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return True, "prepared", None
   if key in _LOCAL:
-    data_lib.get_builder(name, data_dir=data_dir)  # builds it
+    builders.get_builder(name, data_dir=data_dir)  # builds it
     return True, "built locally (no download)", None
   manual_dir = os.path.join(data_dir, "downloads", "manual")
   steps = manual_steps(key, name, builder, manual_dir)
@@ -153,7 +152,6 @@ def table(rows: list[tuple[str, str, bool, str]]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from configs.benchmark import DATASETS  # pylint: disable=g-import-not-at-top
   keys = dataset_keys(_DATASETS.value)
   if _PROBE_TIMEOUT.value <= 0:
     common.fail(f"--probe_timeout={_PROBE_TIMEOUT.value} is invalid; accepted: seconds > 0")

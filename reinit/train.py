@@ -115,18 +115,13 @@ class _Run:
 
 
 def _load_data(config):
-  """Dataset info and tf.data pipelines; data problems become one-line ConfigErrors."""
+  """This process's `reinit.data.Data`; data problems become one-line ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
-  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
   try:
-    info = data_lib.dataset_info(config)
-    train_ds, steps_per_epoch = data_lib.train_dataset(config, **shard)
-    calibration_ds, _ = data_lib.train_dataset(config, **shard)
-    test_ds = data_lib.eval_dataset(config, split=config.test_split, **shard)
-    train_eval_ds = data_lib.eval_train_dataset(config, **shard)
+    return data_lib.Data(config, process_index=jax.process_index(),
+                         process_count=jax.process_count())
   except ValueError as e:
     raise ConfigError(str(e).splitlines()[0]) from e
-  return info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds
 
 
 def _save(run: _Run, state: TrainState, progress: Progress) -> None:
@@ -303,7 +298,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   validation.validate(config)
-  info, train_ds, steps_per_epoch, calibration_ds, test_ds, train_eval_ds = _load_data(config)
+  data = _load_data(config)
+  info, train_ds, test_ds = data.info, data.train(), data.eval(config.test_split)
   keys = run_keys(config.seed)
   units = tree_lib.layer_order(create_model(config, info.num_classes), keys.init,
                                jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
@@ -314,12 +310,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return workdir_lib.read_json(workdir_lib.path(workdir, RESULTS_FILE))
   logging.info("%s on %s with %s: %d stages, units %s, %d train examples, %d steps/epoch",
                plan.name, config.dataset, config.model, plan.num_stages, units,
-               info.train_examples, steps_per_epoch)
+               info.train_examples, data.steps_per_epoch)
 
   runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
   state = initial_state(runtime, keys)  # its shapes are every stage's: it serves to compile
   processes = jax.process_count()
-  learning_rates = stage_learning_rates(config, plan, steps_per_epoch)
+  learning_rates = stage_learning_rates(config, plan, data.steps_per_epoch)
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() != 0)
   run = _Run(config, workdir, plan, runtime,
@@ -335,9 +331,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
              preemption.Notice())
   try:
     state, progress = _restore_or_begin(run, state)
-    state = _run_stages(run, state, progress, train_ds, calibration_ds, {
+    # Two independent datasets over the same stream: training, and the plan's calibration.
+    state = _run_stages(run, state, progress, train_ds, data.train(), {
         "test": evaluation.EvalSet(test_ds, lambda b: global_batch(b, runtime.batch_sharding)),
-        "train": evaluation.EvalSet(train_eval_ds,
+        "train": evaluation.EvalSet(data.train_eval(),
                                     lambda b: global_batch(b, runtime.batch_sharding))})
   finally:
     # Also on errors and interrupts: an in-flight asynchronous save is completed, not left

@@ -1,9 +1,10 @@
 """Tests of the benchmark suite: the 12 dataset configs, their pipelines and one step per model,
 class-balanced subsets and label noise across methods, and folders of images.
 
-The 12 TFDS datasets are served by `tfds.testing.mock_data` (random examples, nothing on disk),
-so these tests check what the configs and pipelines do with each builder's real metadata
-(classes, native shapes, split names), offline; subsets and label noise use the real embedded
+The 12 TFDS datasets are served by `tfds.testing.mock_data` (random examples; on disk only the
+metadata that each builder's code defines, see conftest.py's `mock_tfds`), so these tests check
+what the configs and pipelines do with each builder's real metadata (classes, native shapes,
+split names), offline; subsets and label noise use the real embedded
 `digits`. Compiling dominates the run time: models are tiny (width 1/16, batches of 8),
 compiled without XLA's CPU optimizations, initialized on the host, and one program serves every
 dataset of the same image shape and number of classes.
@@ -11,8 +12,12 @@ dataset of the same image shape and number of classes.
 
 import functools
 import inspect
+import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 import time
 
 from absl import flags
@@ -123,7 +128,7 @@ def test_missing_dataset_names_the_tfds_build_command(key, tmp_path):
   config = bench_config(key, data_dir=str(tmp_path))
   start = time.monotonic()
   with pytest.raises(data.DatasetNotPreparedError) as info:
-    data.dataset_info(config)
+    data.Data(config)
   assert time.monotonic() - start < 10
   message = str(info.value)
   assert "\n" not in message
@@ -186,14 +191,14 @@ def _programs(model_name, image_shape, num_classes):
   return state, train_step, eval_step
 
 
-def _check_pipeline_and_step(key, model_name):
+def _check_pipeline_and_step(mock_tfds, key, model_name):
   bench = benchmark.DATASETS[key]
   config = bench_config(key, model=model_name)
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    info = data.dataset_info(config)
-    train_ds, steps = data.train_dataset(config)
-    train_batch = first(train_ds)
-    eval_batches = list(tfds.as_numpy(data.eval_dataset(config, split=config.test_split)))
+  with mock_tfds(bench.tfds_name, num_examples=MOCK_EXAMPLES):
+    dataset = data.Data(config)
+    info, steps = dataset.info, dataset.steps_per_epoch
+    train_batch = first(dataset.train())
+    eval_batches = list(tfds.as_numpy(dataset.eval(config.test_split)))
   size = bench.image_size or bench.native_shape[0]
   shape = (size, size, bench.native_shape[-1])
   assert info.image_shape == shape and info.num_classes == bench.num_classes
@@ -214,14 +219,14 @@ def _check_pipeline_and_step(key, model_name):
 
 
 @pytest.mark.parametrize("key", BENCHMARKS)
-def test_pipeline_and_simple_cnn_step(key):
-  _check_pipeline_and_step(key, "simple_cnn")
+def test_pipeline_and_simple_cnn_step(key, mock_tfds):
+  _check_pipeline_and_step(mock_tfds, key, "simple_cnn")
 
 
 @pytest.mark.parametrize("model_name", [m for m in MODELS if m != "simple_cnn"])
 @pytest.mark.parametrize("key", ALL_MODEL_DATASETS)
-def test_pipeline_and_model_step(key, model_name):
-  _check_pipeline_and_step(key, model_name)
+def test_pipeline_and_model_step(key, model_name, mock_tfds):
+  _check_pipeline_and_step(mock_tfds, key, model_name)
 
 
 # --- subsets, evaluation and label noise across methods ------------------------------------------
@@ -236,7 +241,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _train_eval(config):
-  return list(tfds.as_numpy(data.eval_train_dataset(config)))
+  return list(tfds.as_numpy(data.Data(config).train_eval()))
 
 
 def test_subset_is_balanced_and_identical_across_methods(digits_dir):
@@ -270,10 +275,11 @@ def test_label_noise_flips_exact_fraction_to_other_classes(label_noise, digits_d
   np.testing.assert_array_equal(corrupted, (label != true_label).astype(np.float32))
   assert all(b["true_label"].dtype == np.int32 and b["corrupted"].dtype == np.float32
              for b in batches)
-  assert data.dataset_info(config).corrupted_examples == round(label_noise * 100)
+  dataset = data.Data(config)
+  assert dataset.info.corrupted_examples == round(label_noise * 100)
   # Training batches carry the noisy labels: one epoch (10 batches of 10) is the subset.
-  ds, steps = data.train_dataset(config)
-  epoch = np.concatenate([b["label"] for b in tfds.as_numpy(ds.take(steps))])
+  steps = dataset.steps_per_epoch
+  epoch = np.concatenate([b["label"] for b in tfds.as_numpy(dataset.train().take(steps))])
   np.testing.assert_array_equal(np.sort(epoch), np.sort(label))
 
 
@@ -301,20 +307,19 @@ def test_bad_label_noise_raises_one_line(label_noise, digits_dir):
   # A plain ConfigDict (as a caller might build one): no field types to stop bad values.
   config = ml_collections.ConfigDict(
       {**bench_config("digits", data_dir=digits_dir).to_dict(), "label_noise": label_noise})
-  for pipeline in (data.dataset_info, data.train_dataset, data.eval_train_dataset):
-    with pytest.raises(ValueError, match="label_noise") as info:
-      pipeline(config)
+  with pytest.raises(ValueError, match="label_noise") as info:
+    data.Data(config)
   assert "\n" not in str(info.value) and "[0, 1)" in str(info.value)
 
 
-def test_eval_counts_every_example_once():
+def test_eval_counts_every_example_once(mock_tfds):
   config = bench_config("eurosat", eval_batch_size=16)
-  with tfds.testing.mock_data(num_examples=37):
-    batches = list(tfds.as_numpy(data.eval_dataset(config, split=config.test_split)))
-    again = list(tfds.as_numpy(data.eval_dataset(config, split=config.test_split)))
+  with mock_tfds(config.tfds_name, num_examples=37):
+    batches = list(tfds.as_numpy(data.Data(config).eval(config.test_split)))
+    again = list(tfds.as_numpy(data.Data(config).eval(config.test_split)))
     # The whole split as a training subset: the same examples through the other path.
     config.update(dict(train_split=config.test_split, train_examples=-1))
-    as_train = list(tfds.as_numpy(data.eval_train_dataset(config)))
+    as_train = list(tfds.as_numpy(data.Data(config).train_eval()))
   assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 37
   assert all(b["image"].shape == (16, 64, 64, 3) for b in batches)
   for field in ("image", "label", "true_label", "corrupted", "mask"):
@@ -327,6 +332,27 @@ def test_eval_counts_every_example_once():
   # Test and train-subset batches share one structure: one compiled eval step serves both.
   assert set(batches[0]) == set(as_train[0]) == {"image", "label", "true_label", "corrupted",
                                                   "mask"}
+
+
+# --- launch.benchmark --dataset ------------------------------------------------------------------
+
+
+def test_benchmark_times_the_pipeline_of_a_dataset(digits_dir):
+  """`launch.benchmark --dataset` (which took over launch/pipeline_benchmark.py) reports the
+  pipeline's own speed and the pipeline-fed train step, under launch.common's XLA flags."""
+  args = ["-m", "launch.benchmark", "--dataset=digits", f"--data_dir={digits_dir}",
+          "--width=0.125", "--batch_size=16", "--steps=2", "--repeats=2",
+          "--pipeline_batches=5", "--check_methods=none"]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["dataset"] == "digits" and result["image_shape"] == [8, 8, 1]
+  assert result["augment"] == "none"
+  for key in ("pipeline_images_per_s", "input_pipeline_ratio", "pipeline_over_train_step"):
+    assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+  assert result["imported_tf"] is True
 
 
 # --- a folder of images per class ----------------------------------------------------------------
@@ -356,17 +382,16 @@ def test_image_folder(image_folder):
   config = bench_config(f"folder:{image_folder}", image_size=16, augment="crop_flip",
                         batch_size=4, eval_batch_size=4)
   assert config.tfds_name == f"folder:{image_folder}"
-  info = data.dataset_info(config)
-  assert info == data.DatasetInfo(num_classes=3, image_shape=(16, 16, 3), train_examples=12,
-                                  test_examples=6)
-  ds, steps = data.train_dataset(config)
-  assert steps == 3
-  batch = first(ds)
+  dataset = data.Data(config)
+  assert dataset.info == data.DatasetInfo(num_classes=3, image_shape=(16, 16, 3),
+                                          train_examples=12, test_examples=6)
+  assert dataset.steps_per_epoch == 3
+  batch = first(dataset.train())
   assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
-  test = list(tfds.as_numpy(data.eval_dataset(config, split="test")))
+  test = list(tfds.as_numpy(dataset.eval("test")))
   assert len(test) == 2 and np.bincount(masked(test, "label")).tolist() == [2, 2, 2]
   config.update(dict(train_examples=6, label_noise=0.5))
-  train = list(tfds.as_numpy(data.eval_train_dataset(config)))
+  train = list(tfds.as_numpy(data.Data(config).train_eval()))
   assert np.bincount(masked(train, "true_label")).tolist() == [2, 2, 2]
   assert masked(train, "corrupted").sum() == 3
 
@@ -375,11 +400,11 @@ def test_image_folder_errors_are_one_line(image_folder, tmp_path):
   config = bench_config(f"folder:{image_folder}")
   assert config.image_size is None
   with pytest.raises(ValueError, match="image_size") as info:
-    data.dataset_info(config)
+    data.Data(config)
   assert "\n" not in str(info.value)
   config.update(dict(image_size=16, train_split="train[:50%]"))
   with pytest.raises(ValueError, match="train_split") as info:
-    data.dataset_info(config)
+    data.Data(config)
   assert "\n" not in str(info.value)
   for root in (str(tmp_path / "missing"), str(tmp_path)):
     with pytest.raises(ValueError, match="folder:") as info:

@@ -37,7 +37,7 @@ def test_sigterm_mid_run_checkpoints_that_step_and_the_rerun_ends_identical(tmp_
   data_dir = tmp_path / "tfds"
   # The digits dataset is built on first use: once, before two processes read it.
   subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds; "
-                  "import reinit.data; "
+                  "import reinit.data.digits; "
                   f"tfds.builder('digits', data_dir='{data_dir}').download_and_prepare()"],
                  cwd=REPO, check=True, capture_output=True, timeout=300)
   unbroken = _start(_main(tmp_path / "unbroken", data_dir))

@@ -168,7 +168,7 @@ def _submissions(slurm_dir: str) -> list[dict]:
 def _scenario(tmp: pathlib.Path) -> dict:
   data_dir = tmp / "tfds"
   # Built once, before processes that would race to build it.
-  subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data; "
+  subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data.digits; "
                   f"tfds.builder('digits', data_dir='{data_dir}').download_and_prepare()"],
                  cwd=REPO, check=True, capture_output=True, timeout=300)
   sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir),

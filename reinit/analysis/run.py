@@ -61,8 +61,8 @@ def load_datasets(data_config):
   from reinit import train  # pylint: disable=g-import-not-at-top
   from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
-    return (data_lib.eval_train_dataset(data_config),
-            data_lib.eval_dataset(data_config, split=data_config.test_split))
+    data = data_lib.Data(data_config)
+    return data.train_eval(), data.eval(data_config.test_split)
   except ValueError as e:
     raise train.ConfigError(str(e).splitlines()[0]) from e
 

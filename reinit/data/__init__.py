@@ -1,39 +1,44 @@
-"""Input data: TFDS/tf.data pipelines and the embedded offline `digits` dataset.
+"""Input data: the `Data` object of a run, over TFDS/tf.data and the embedded `digits`.
 
-Importing this package imports TensorFlow and TFDS (and hides GPUs from TF);
-the library core (`import reinit`) never imports it.
+Modules: `registry` (the benchmark datasets, pure Python), `subsets` (training subset and label
+noise, numpy), `builders` (TFDS builders, offline), `preprocess` (reading, resizing,
+augmentation), `pipeline` (the train and eval pipelines and `Data`), `digits`.
+
+Importing this package imports nothing heavy: the names below load their module (and with it
+TensorFlow and TFDS, hiding GPUs from TF) on first access, so that `reinit.data.registry` serves
+machines without TensorFlow. The library core (`import reinit`) never imports this package.
 """
 
-from reinit.data.digits import Digits
-from reinit.data.pipeline import augment_image
-from reinit.data.pipeline import AUGMENTATIONS
-from reinit.data.pipeline import corrupt_labels
-from reinit.data.pipeline import dataset_info
-from reinit.data.pipeline import DatasetInfo
-from reinit.data.pipeline import DatasetNotPreparedError
-from reinit.data.pipeline import eval_dataset
-from reinit.data.pipeline import eval_train_dataset
-from reinit.data.pipeline import FOLDER_PREFIX
-from reinit.data.pipeline import get_builder
-from reinit.data.pipeline import normalize
-from reinit.data.pipeline import num_corrupted
-from reinit.data.pipeline import train_dataset
-from reinit.data.pipeline import train_subset_indices
+import importlib
 
-__all__ = [
-    'AUGMENTATIONS',
-    'DatasetInfo',
-    'DatasetNotPreparedError',
-    'Digits',
-    'FOLDER_PREFIX',
-    'augment_image',
-    'corrupt_labels',
-    'dataset_info',
-    'eval_dataset',
-    'eval_train_dataset',
-    'get_builder',
-    'normalize',
-    'num_corrupted',
-    'train_dataset',
-    'train_subset_indices',
-]
+# name -> module of reinit.data that defines it.
+_EXPORTS = {
+    "Data": "pipeline",
+    "DatasetInfo": "pipeline",
+    "AUGMENTATIONS": "preprocess",
+    "augment_image": "preprocess",
+    "normalize": "preprocess",
+    "DatasetNotPreparedError": "builders",
+    "FOLDER_PREFIX": "builders",
+    "get_builder": "builders",
+    "Digits": "digits",
+    "corrupt_labels": "subsets",
+    "num_corrupted": "subsets",
+    "train_subset_indices": "subsets",
+    "Benchmark": "registry",
+    "DATASETS": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+  globals()[name] = value  # later accesses skip this function
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_EXPORTS))

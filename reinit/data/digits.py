@@ -10,7 +10,7 @@ Split (fixed, seed `SPLIT_SEED`): per class a fixed-seed permutation; its first
 `TEST_PER_CLASS` (50) examples go to `test` (500), the rest to `train` (1,297).
 
 Importing this module registers the builder under the TFDS name `digits`, so
-`tfds.builder('digits', data_dir=...)` works as for any other dataset.
+`tfds.builder("digits", data_dir=...)` works as for any other dataset.
 """
 
 from __future__ import annotations
@@ -89,21 +89,21 @@ def split_indices(
 class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits, built locally without download."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=IMAGE_SHAPE),
-            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+            "image": tfds.features.Image(shape=IMAGE_SHAPE),
+            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
         }),
-        supervised_keys=('image', 'label'),
+        supervised_keys=("image", "label"),
         homepage=(
-            'https://scikit-learn.org/stable/modules/generated/'
-            'sklearn.datasets.load_digits.html'
+            "https://scikit-learn.org/stable/modules/generated/"
+            "sklearn.datasets.load_digits.html"
         ),
         citation=_CITATION,
     )
@@ -113,8 +113,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     images, labels = load_arrays()
     train, test = split_indices(labels)
     return {
-        'train': self._generate_examples(images, labels, train),
-        'test': self._generate_examples(images, labels, test),
+        "train": self._generate_examples(images, labels, train),
+        "test": self._generate_examples(images, labels, test),
     }
 
   def _generate_examples(
@@ -122,4 +122,4 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   ) -> Iterator[tuple[int, dict[str, np.ndarray | int]]]:
     # The sklearn index is a stable, unique key (TFDS orders examples by key hash).
     for i in indices:
-      yield int(i), {'image': images[i], 'label': int(labels[i])}
+      yield int(i), {"image": images[i], "label": int(labels[i])}
