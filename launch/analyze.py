@@ -32,11 +32,10 @@ import sys
 from absl import app
 from absl import flags
 
+from launch import analysis_run
 from launch import common
-
-from reinit.analysis import run as analysis_run
-from reinit.analysis.run import ANALYSES
-from reinit.analysis.run import DEFAULTS
+from launch.analysis_run import ANALYSES
+from launch.analysis_run import DEFAULTS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished run (has results.json).")
 _NOISE_SCALES = flags.DEFINE_list("noise_scales", [str(s) for s in DEFAULTS["noise_scales"]],

@@ -30,7 +30,7 @@ _ANALYZE = flags.DEFINE_bool("analyze", True, "Analyze the runs the config file 
 
 def _analyze(root: str, finished, wanted: list[dict]) -> None:
   from reinit import train  # pylint: disable=g-import-not-at-top
-  from reinit.analysis import run as analysis_run  # pylint: disable=g-import-not-at-top
+  from launch import analysis_run  # pylint: disable=g-import-not-at-top
   defaults = dict(analysis_run.DEFAULTS, analyses=analysis_run.ANALYSES)
   chosen = [name for name, run, _ in finished
             if any(all(run.get(k) == v for k, v in w.items()) for w in wanted)]

@@ -1,8 +1,9 @@
 """Analyses of a finished run, end to end: load it, run the analyses, write analysis.json.
 
-`analyze_workdir(workdir, ...)` is what `python -m launch.analyze` and `launch.reproduce` call;
-the analyses themselves are in the sibling modules (margins, flatness, robustness,
-memorization). This module imports TensorFlow (through the data pipeline) when it runs.
+`analyze_workdir(workdir, ...)` is what `python -m launch.analyze` and `launch.reproduce` call.
+The analyses themselves are pure functions in `reinit.analysis` (margins, flatness, robustness,
+memorization); the file and data I/O around them lives here, beside its launchers. This module
+imports TensorFlow (through the data pipeline) only when it runs, so `--help` stays fast.
 """
 
 import time
