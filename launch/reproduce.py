@@ -8,11 +8,12 @@ The SWEEP argument (or `--config`) is a config file with `get_sweep(arg)`, as fo
 `WORKDIR/<run name>`; finished ones are skipped, so a stopped reproduction continues where it
 stopped (and an interrupted run resumes from its checkpoint). With `--scheduler=slurm` (and the
 `--slurm.*` options of `launch.sweep`) the unfinished runs go to Slurm as one job array and
-the reproduction waits for it, printing progress; the analyses and the report then run here. Then the runs the config file's
-`analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
-when present), and `reinit.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
-prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
-the report from their results with `python -m reinit.report WORKDIR`.
+the reproduction waits for it, printing progress; the analyses and the report then run here.
+Then the runs the config file's `analyzed_runs(arg)` names get `analysis.json` (margins and
+norms, flatness, Hessian; skipped when present), and `reinit.report` writes Tables 2 and 3 and
+the figures to WORKDIR/report and prints the tables. `--dry_run` prints the run commands (for a
+cluster) and nothing else; build the report from their results with
+`python -m reinit.report WORKDIR`.
 """
 
 import os

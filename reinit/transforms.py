@@ -1,9 +1,10 @@
 """Pure transforms of parameter trees and optimizer states, and the masks that drive them.
 
-Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps the
-structure, shapes, dtypes and shardings of its input tree (see `_placed_like`). A mask leaf is a Python bool (whole leaf: no work
-is done for False, so untouched leaves are returned as they are) or a bool array of the leaf's
-shape (element-wise, evaluated with `jnp.where`). A *fresh* tree is `model.init(new_key, ...)`.
+Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps
+the structure, shapes, dtypes and shardings of its input tree (see `_placed_like`). A mask leaf is
+a Python bool (whole leaf: no work is done for False, so untouched leaves are returned as they
+are) or a bool array of the leaf's shape (element-wise, evaluated with `jnp.where`). A *fresh*
+tree is `model.init(new_key, ...)`.
 
 Only jax, flax, optax and numpy are imported here: this module is the library core.
 """

@@ -495,7 +495,7 @@ def test_memorization_metrics_by_hand():
   assert np.isnan(none["memorized"])
 
 
-# ------------------------------------------------------------------ launch.analysis_run and launch.analyze
+# ---------------------------------------------------------- launch.analysis_run and launch.analyze
 
 
 class _FakeDataset:
