@@ -118,9 +118,13 @@ def _exact_fraction_mask(key, n: int, fraction: float):
   return jnp.zeros((n,), jnp.bool_).at[chosen].set(True)
 
 
-def _check_fraction(name: str, value: float):
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {value}")
+def _check_fraction(name: str, value: float) -> None:
+  """One-line ValueError naming `name`, its value and the accepted range unless 0 <= value <= 1.
+
+  The one check of a fraction, also for the methods' config fields (`ke.split_rate`, ...).
+  """
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name}={value!r} is invalid; accepted: a fraction in [0, 1]")
 
 
 def _module_and_variable(path: str, collection_first: bool) -> tuple[tuple[str, ...], str]:
