@@ -32,24 +32,25 @@ import sys
 from absl import app
 from absl import flags
 
+from launch import analysis_run
 from launch import common
-
-from reinit.analysis import run as analysis_run
-from reinit.analysis.run import ANALYSES
-from reinit.analysis.run import DEFAULTS
+from launch.analysis_run import ANALYSES
+from launch.analysis_run import DEFAULTS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a finished run (has results.json).")
 _NOISE_SCALES = flags.DEFINE_list("noise_scales", [str(s) for s in DEFAULTS["noise_scales"]],
                                   "Relative weight-noise scales sigma of the flatness analysis.")
 _DRAWS = flags.DEFINE_integer("draws", DEFAULTS["draws"], "Noise draws per noise scale.")
-_BATCHES = flags.DEFINE_integer("batches", DEFAULTS["batches"], "Training batches (eval batch size) of the "
-                                "flatness and Hessian analyses; margins use every example.")
+_BATCHES = flags.DEFINE_integer("batches", DEFAULTS["batches"],
+                                "Training batches (eval batch size) of the flatness and Hessian "
+                                "analyses; margins use every example.")
 _POWER_ITERATIONS = flags.DEFINE_integer("power_iterations", DEFAULTS["power_iterations"],
                                          "Power iterations per conv spectral norm.")
 _HESSIAN_ITERATIONS = flags.DEFINE_integer("hessian_iterations", DEFAULTS["hessian_iterations"],
                                            "Power iterations of the top Hessian eigenvalue.")
 _ANALYSES = flags.DEFINE_list("analyses", list(ANALYSES), "Which analyses to run.")
-_SEED = flags.DEFINE_integer("seed", DEFAULTS["seed"], "Seed of the noise draws and power-iteration starts.")
+_SEED = flags.DEFINE_integer("seed", DEFAULTS["seed"],
+                             "Seed of the noise draws and power-iteration starts.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir, if not the run's own.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -84,10 +85,10 @@ def analyze_from_flags(workdir: str) -> tuple[dict, str]:
   """`analyze_workdir` with this module's flags."""
   noise_scales, analyses = _check_flags()
   return analysis_run.analyze_workdir(workdir, noise_scales=noise_scales, analyses=analyses,
-                         draws=_DRAWS.value, batches=_BATCHES.value,
-                         power_iterations=_POWER_ITERATIONS.value,
-                         hessian_iterations=_HESSIAN_ITERATIONS.value, seed=_SEED.value,
-                         data_dir=_DATA_DIR.value)
+                                      draws=_DRAWS.value, batches=_BATCHES.value,
+                                      power_iterations=_POWER_ITERATIONS.value,
+                                      hessian_iterations=_HESSIAN_ITERATIONS.value,
+                                      seed=_SEED.value, data_dir=_DATA_DIR.value)
 
 
 def main(argv):

@@ -37,7 +37,7 @@ def main(argv):
   results = common.run_or_exit(_CONFIG.value, _WORKDIR.value)
   logging.info("test accuracy %.4f", results["test_accuracy"])
   if jax_process_index() == 0:
-      print(f"{results['method']}: test accuracy {results['test_accuracy']:.4f} "
+    print(f"{results['method']}: test accuracy {results['test_accuracy']:.4f} "
           f"(train {results['train_accuracy']:.4f}) -> {_WORKDIR.value}/results.json")
 
 

@@ -8,11 +8,12 @@ The SWEEP argument (or `--config`) is a config file with `get_sweep(arg)`, as fo
 `WORKDIR/<run name>`; finished ones are skipped, so a stopped reproduction continues where it
 stopped (and an interrupted run resumes from its checkpoint). With `--scheduler=slurm` (and the
 `--slurm.*` options of `launch.sweep`) the unfinished runs go to Slurm as one job array and
-the reproduction waits for it, printing progress; the analyses and the report then run here. Then the runs the config file's
-`analyzed_runs(arg)` names get `analysis.json` (margins and norms, flatness, Hessian; skipped
-when present), and `launch.report` writes Tables 2 and 3 and the figures to WORKDIR/report and
-prints the tables. `--dry_run` prints the run commands (for a cluster) and nothing else; build
-the report from their results with `python -m launch.report WORKDIR`.
+the reproduction waits for it, printing progress; the analyses and the report then run here.
+Then the runs the config file's `analyzed_runs(arg)` names get `analysis.json` (margins and
+norms, flatness, Hessian; skipped when present), and `launch.report` writes Tables 2 and 3 and
+the figures to WORKDIR/report and prints the tables. `--dry_run` prints the run commands (for a
+cluster) and nothing else; build the report from their results with
+`python -m launch.report WORKDIR`.
 """
 
 import sys
@@ -30,14 +31,15 @@ _ANALYZE = flags.DEFINE_bool("analyze", True, "Analyze the runs the config file 
 
 def _analyze(root: str, finished, wanted: list[dict]) -> None:
   from reinit import train  # pylint: disable=g-import-not-at-top
-  from reinit.analysis import run as analysis_run  # pylint: disable=g-import-not-at-top
+  from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from launch import analysis_run  # pylint: disable=g-import-not-at-top
   defaults = dict(analysis_run.DEFAULTS, analyses=analysis_run.ANALYSES)
   chosen = [name for name, run, _ in finished
             if any(all(run.get(k) == v for k, v in w.items()) for w in wanted)]
   progress = common.Progress(len(chosen), "analysis", "analyses")
   for name in chosen:
     workdir = epath.Path(root) / name
-    if (workdir / analysis_run.ANALYSIS_FILE).exists():
+    if (workdir / workdir_lib.ANALYSIS_FILE).exists():
       print(f"{name}: analyzed earlier, skipped [{progress.step()}]", flush=True)
       continue
     print(f"{name}: analyzing ...", flush=True)

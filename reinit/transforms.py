@@ -1,9 +1,10 @@
 """Pure transforms of parameter trees and optimizer states, and the masks that drive them.
 
-Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps the
-structure, shapes, dtypes and shardings of its input tree (see `_placed_like`). A mask leaf is a Python bool (whole leaf: no work
-is done for False, so untouched leaves are returned as they are) or a bool array of the leaf's
-shape (element-wise, evaluated with `jnp.where`). A *fresh* tree is `model.init(new_key, ...)`.
+Every function here is pure and `jax.jit`-able, works inside `jax.pmap`/`shard_map`, and keeps
+the structure, shapes, dtypes and shardings of its input tree (see `_placed_like`). A mask leaf is
+a Python bool (whole leaf: no work is done for False, so untouched leaves are returned as they
+are) or a bool array of the leaf's shape (element-wise, evaluated with `jnp.where`). A *fresh*
+tree is `model.init(new_key, ...)`.
 
 Only jax, flax, optax and numpy are imported here: this module is the library core.
 """
@@ -117,9 +118,13 @@ def _exact_fraction_mask(key, n: int, fraction: float):
   return jnp.zeros((n,), jnp.bool_).at[chosen].set(True)
 
 
-def _check_fraction(name: str, value: float):
-  if not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {value}")
+def _check_fraction(name: str, value: float) -> None:
+  """One-line ValueError naming `name`, its value and the accepted range unless 0 <= value <= 1.
+
+  The one check of a fraction, also for the methods' config fields (`ke.split_rate`, ...).
+  """
+  if not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{name}={value!r} is invalid; accepted: a fraction in [0, 1]")
 
 
 def _module_and_variable(path: str, collection_first: bool) -> tuple[tuple[str, ...], str]:

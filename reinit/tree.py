@@ -25,7 +25,8 @@ def key_path_to_str(key_path) -> str:
   """`(DictKey('params'), DictKey('head'), DictKey('kernel'))` -> `'params/head/kernel'`.
 
   Dict keys, attribute names and sequence indices are written bare (`jax.tree_util.keystr`'s
-  simple form), so `{'a': [x, (y,)]}` has paths `a/0` and `a/1/0`.
+  simple form), so `{'a': [x, (y,)]}` has paths `a/0` and `a/1/0`. This wrapper only drops an
+  NNX `State` leaf's trailing `.value`, so NNX and linen trees name a unit's leaves alike.
   """
   key_path = tuple(key_path)
   if (len(key_path) > 1 and isinstance(key_path[-1], jax.tree_util.GetAttrKey)

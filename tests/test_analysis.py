@@ -496,7 +496,7 @@ def test_memorization_metrics_by_hand():
   assert np.isnan(none["memorized"])
 
 
-# ------------------------------------------------------------------ reinit.analysis.run and launch.analyze
+# ---------------------------------------------------------- launch.analysis_run and launch.analyze
 
 
 class _FakeDataset:
@@ -523,7 +523,7 @@ class _FakeDataset:
 
 def test_analyze_end_to_end_with_label_noise():
   from configs import digits as digits_config
-  from reinit.analysis import run as analyze_lib
+  from launch import analysis_run as analyze_lib
   from reinit import train
   import reinit
 

@@ -238,7 +238,8 @@ def test_random_mask_rejects_bad_arguments(cnn):
   with pytest.raises(ValueError, match="granularity"):
     reinit.random_mask(jax.random.key(0), cnn[1], fraction=0.5, granularity="kernel")
   for sparsity in (-0.1, 1.1):
-    with pytest.raises(ValueError, match=r"magnitude_mask: sparsity must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"magnitude_mask: sparsity=.* is invalid; accepted: "
+                                         r"a fraction in \[0, 1\]"):
       reinit.magnitude_mask({"w": jnp.ones(2)}, sparsity=sparsity)
 
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.tree_utils as otu
 
 from reinit.analysis import margins
 
@@ -102,7 +103,12 @@ def mean_loss(batch_loss: BatchLoss, params: PyTree, batches: Sequence[dict]) ->
 def _gaussian_like(tree: PyTree, key: jax.Array) -> PyTree:
   """N(0, I) float32 leaves shaped like `tree`'s: one draw of `key` over all leaves
   concatenated in `jax.tree.leaves` order, cut back into leaves (one random call compiles much
-  faster than one per leaf)."""
+  faster than one per leaf).
+
+  Not `optax.tree_utils.tree_random_like`: that splits `key` once per leaf and draws in each
+  leaf's dtype, so its noise differs from these draws and every recorded flatness and Hessian
+  number would change.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   sizes = [int(np.size(p)) for p in leaves]
   eps = jax.random.normal(key, (sum(sizes),), jnp.float32)
@@ -142,12 +148,10 @@ def loss_increase(batch_loss: BatchLoss, params: PyTree, batches: Sequence[dict]
           "mean": increase.mean(axis=1).tolist(), "std": std.tolist()}
 
 
-def _tree_dot(a: PyTree, b: PyTree) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def _tree_scale(tree: PyTree, factor) -> PyTree:
-  return jax.tree.map(lambda x: x * factor, tree)
+def _tree_norm(tree: PyTree) -> jax.Array:
+  """sqrt(<tree, tree>). Not `optax.tree_utils.tree_norm`: it sums squares leaf by leaf, which
+  rounds differently from a dot product and would change the recorded Hessian eigenvalues."""
+  return jnp.sqrt(otu.tree_vdot(tree, tree))
 
 
 def hessian_vector_product(batch_loss: BatchLoss, params: PyTree, batches: Sequence[dict],
@@ -157,9 +161,9 @@ def hessian_vector_product(batch_loss: BatchLoss, params: PyTree, batches: Seque
   total, count = None, 0.0
   for batch in batches:
     hv, c = _batch_hvp(batch_loss, params, batch, vector)
-    total = hv if total is None else jax.tree.map(jnp.add, total, hv)
+    total = hv if total is None else otu.tree_add(total, hv)
     count += float(c)
-  return _tree_scale(total, 1.0 / count)
+  return otu.tree_scale(1.0 / count, total)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -180,14 +184,14 @@ def hessian_top_eigenvalue(batch_loss: BatchLoss, params: PyTree, batches: Seque
   'iterations': int}.
   """
   v = jax.jit(_gaussian_like)(params, key)
-  v = _tree_scale(v, 1.0 / jnp.sqrt(_tree_dot(v, v)))
+  v = otu.tree_scale(1.0 / _tree_norm(v), v)
   estimate, previous = float("nan"), float("nan")
   for _ in range(iterations):
     hv = hessian_vector_product(batch_loss, params, batches, v)
-    previous, estimate = estimate, float(_tree_dot(v, hv))
-    norm = float(jnp.sqrt(_tree_dot(hv, hv)))
+    previous, estimate = estimate, float(otu.tree_vdot(v, hv))
+    norm = float(_tree_norm(hv))
     if norm == 0.0:
       break
-    v = _tree_scale(hv, 1.0 / norm)
+    v = otu.tree_scale(1.0 / norm, hv)
   change = abs(estimate - previous) / max(abs(estimate), 1e-30)
   return {"eigenvalue": estimate, "relative_change": float(change), "iterations": iterations}

@@ -1,14 +1,14 @@
 """Analyses of a finished run, end to end: load it, run the analyses, write analysis.json.
 
-`analyze_workdir(workdir, ...)` is what `python -m launch.analyze` and `launch.reproduce` call;
-the analyses themselves are in the sibling modules (margins, flatness, robustness,
-memorization). This module imports TensorFlow (through the data pipeline) when it runs.
+`analyze_workdir(workdir, ...)` is what `python -m launch.analyze` and `launch.reproduce` call.
+The analyses themselves are pure functions in `reinit.analysis` (margins, flatness, robustness,
+memorization); the file and data I/O around them lives here, beside its launchers. This module
+imports TensorFlow (through the data pipeline) only when it runs, so `--help` stays fast.
 """
 
 import time
 
 ANALYSES = ("margins", "flatness", "hessian", "hessian_folded", "robustness", "memorization")
-ANALYSIS_FILE = "analysis.json"
 DEFAULTS = dict(noise_scales=(0.001, 0.003, 0.01, 0.03, 0.1), draws=5, batches=8,
                 power_iterations=100, hessian_iterations=50, seed=0)
 
@@ -59,7 +59,6 @@ def load_datasets(data_config):
   """(training subset, test split) as padded eval datasets; data problems are ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
   from reinit import train  # pylint: disable=g-import-not-at-top
-  from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     data = data_lib.Data(data_config)
     return data.train_eval(), data.eval(data_config.test_split)
@@ -69,7 +68,7 @@ def load_datasets(data_config):
 
 def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, power_iterations,
             hessian_iterations, analyses, seed) -> dict:
-  """Runs the chosen analyses on a `reinit.train.FinishedRun`; returns the analysis.json dict.
+  """Runs the chosen analyses on a `reinit.workdir.FinishedRun`; returns the analysis.json dict.
 
   `model` is the run's model (in float32), `train_ds`/`test_ds` padded eval datasets (batches
   of image, label, mask; the training one with `true_label` and `corrupted` under label noise)
@@ -203,6 +202,6 @@ def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches
   result = analyze(run, model, train_ds, test_ds, noise_scales=noise_scales, draws=draws,
                    batches=batches, power_iterations=power_iterations,
                    hessian_iterations=hessian_iterations, analyses=analyses, seed=seed)
-  path = workdir_lib.path(workdir, ANALYSIS_FILE)
+  path = workdir_lib.path(workdir, workdir_lib.ANALYSIS_FILE)
   workdir_lib.write_json_atomically(path, result)
   return result, str(path)
