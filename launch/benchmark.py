@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import benchmark as benchmark_configs
+from reinit import groups
 from reinit import methods
 from reinit import models
 from reinit import train
@@ -78,6 +79,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; medians are report
                                 lower_bound=1)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Classes of the synthetic data.",
                                     lower_bound=2)
+_RUNS_PER_PROGRAM = flags.DEFINE_integer(
+    "runs_per_program", 1, "Runs trained by one program (a group, `reinit.groups`): above 1, "
+    "times the group's vmapped and scanned train loop on synthetic device-resident data.",
+    lower_bound=1)
 _CHECK_METHODS = flags.DEFINE_list(
     "check_methods", None, "Methods whose stage switches are checked for recompiles; "
     "default: all of reinit.methods.METHODS; 'none': none.")
@@ -391,6 +396,111 @@ def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: in
   return state, fed_s, pipeline
 
 
+# ---------------------------------------------------------------- a group of runs
+
+
+def group_initial_states(config, model, tx, plan, image_shape, runs: int):
+  """The stage-0 train states of seeds config.seed .. config.seed + runs - 1, stacked (R, ...).
+
+  Each run's keys, init and method memory are those of the run alone (`train._run_keys`)."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def one(seed):
+    init_key, _, method_key = train._run_keys(seed)  # pylint: disable=protected-access
+    variables = model.init(init_key, dummy, train=False)
+    return train.TrainState(jnp.zeros((), jnp.int32), variables, tx.init(variables["params"]),
+                            plan.begin(variables, method_key))
+  return jax.jit(jax.vmap(one))(config.seed + jnp.arange(runs))
+
+
+def group_mesh(runs: int) -> jax.sharding.Mesh:
+  """A `runs` mesh of all devices when they divide R (one share of the runs each), else of one."""
+  devices = jax.devices()
+  count = len(devices) if runs % len(devices) == 0 else 1
+  return jax.sharding.Mesh(np.array(devices[:count]), ("runs",))
+
+
+def group_benchmark() -> dict:
+  """Times `reinit.groups.group_train_loop` for R = --runs_per_program runs of --batch_size
+  each, --steps steps per call, on synthetic uint8 images held on device (4 batches' worth,
+  shared by the runs) with the config's augmentation; returns the JSON-able results."""
+  if _DATASET.value:
+    raise train.ConfigError("dataset is not timed with runs_per_program > 1; accepted: no "
+                            "--dataset (synthetic device-resident data)")
+  runs, steps, repeats = _RUNS_PER_PROGRAM.value, _STEPS.value, _REPEATS.value
+  config = make_config(_METHOD.value)
+  batch, num_classes = config.batch_size, _NUM_CLASSES.value
+  image_shape = (config.image_size, config.image_size, 3)
+  model = train.create_model(config, num_classes)
+  units = tree_lib.layer_order(model, jax.random.key(0), jnp.zeros((1, *image_shape)),
+                               train=False)
+  plan = methods.make_plan(config, units)
+  tx = train.make_optimizer(config)
+  train_step = train.make_train_step(model, tx, num_classes=num_classes,
+                                     label_smoothing=config.label_smoothing,
+                                     holds_zeros=plan.holds_zeros)
+  pad = max(1, min(4, config.image_size // 8)) if config.augment != "none" else 0
+  loop = groups.group_train_loop(train_step, steps=steps, batch_size=batch, pad=pad,
+                                 flip=config.augment == "crop_flip",
+                                 pad_mode=config.get("pad_mode", "reflect"))
+
+  mesh = group_mesh(runs)
+  spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+  shared = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rng = np.random.default_rng(0)
+  examples = 4 * batch
+  images = jax.device_put(rng.integers(0, 256, (examples, *image_shape), np.uint8), shared)
+  labels = jax.device_put(rng.integers(0, num_classes, (examples,), np.int32), shared)
+  keys = jax.device_put(jax.random.split(jax.random.key(config.seed), runs), spread)
+  learning_rates = jax.device_put(np.full((steps,), 0.01, np.float32), shared)
+  states = jax.device_put(group_initial_states(config, model, tx, plan, image_shape, runs),
+                          spread)
+  jitted = jax.jit(loop, in_shardings=(spread, shared, shared, spread, shared),
+                   out_shardings=(spread, spread), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = jitted.lower(_abstract(states), images, labels, keys, learning_rates).compile()
+  compile_s = time.perf_counter() - start
+  _log(f"compiled the group loop ({runs} runs x {steps} steps) in {compile_s:.1f} s")
+  # FLOPs of one run's step: the single-run step's cost analysis (a scan's is not per step).
+  one_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
+  one_batch = {"image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
+               "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  run_step_flops = _device_flops(jax.jit(train_step).lower(
+      one_state, one_batch, jax.ShapeDtypeStruct((), jnp.float32)).compile())
+
+  holder = [states]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], images, labels, keys, learning_rates)
+    jax.block_until_ready((holder[0], metrics))
+
+  run()  # warm-up
+  call_s = _durations(run, repeats)
+  step_s = statistics.median(call_s) / steps
+  _log(f"group step {1000 * step_s:.1f} ms ({runs * batch / step_s:.1f} images/s aggregate)")
+  device = jax.devices()[0]
+  memory_mb, memory_source = peak_memory_mb(device)
+  return {
+      "model": _MODEL.value, "batch_size": batch, "image_size": config.image_size,
+      "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
+      "compute_dtype": _COMPUTE_DTYPE.value, "augment": config.augment, "dataset": None,
+      "runs_per_program": runs, "devices": mesh.size, "backend": jax.default_backend(),
+      "device_kind": device.device_kind, "cpu_threads": len(os.sched_getaffinity(0)),
+      "steps": steps, "repeats": repeats,
+      "aggregate_images_per_s": round(runs * batch / step_s, 2),
+      "per_run_images_per_s": round(batch / step_s, 2),
+      "group_step_ms": _ms(step_s),
+      "group_step_ms_repeats": [_ms(s / steps) for s in call_s],
+      "train_flops_per_image": run_step_flops / batch,
+      "mfu": model_flops_utilization(device, run_step_flops * runs, step_s, mesh.size,
+                                     _COMPUTE_DTYPE.value),
+      "peak_memory_mb": round(memory_mb, 1), "peak_memory_source": memory_source,
+      "compile_s": round(compile_s, 2),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "imported_tf": any(name in sys.modules for name in _HEAVY_MODULES),
+  }
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -465,7 +575,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    results = benchmark()
+    results = group_benchmark() if _RUNS_PER_PROGRAM.value > 1 else benchmark()
   except train.ConfigError as e:
     common.fail(str(e))
   print(json.dumps(results), flush=True)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU check of issue 14 (groups of runs), run once on one GPU, from the repository root:
+#
+#   pip download ml_collections==1.1.0 --no-deps -d wheels   # here, once: the GPU host lacks it
+#   OUT=/tmp/out bash launch/gpu_check.sh                      # on the GPU host, ~5 minutes
+#
+# Needs jax (CUDA), flax, optax, absl, numpy, torch; no TensorFlow, TFDS or clu (the synthetic
+# benchmark imports none: each JAX line has "imported_tf": false). ml_collections (read by
+# configs/benchmark.py; pure Python) is installed from wheels/ into a private folder when missing.
+# Measures, each line of JSON appended to $OUT/gpu.jsonl and printed:
+#   1. simple_cnn 32 px, batch 64, one run per program (today's path: a step per host call);
+#   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s;
+#   3. resnet18 32 px bfloat16, a group of R=8: MFU;
+#   4. the PyTorch twin of 3: resnet18 bf16 autocast, channels_last, 8 runs one after the
+#      other, MFU at the JAX line's FLOP count; 5. the twin of 1 (simple_cnn, 1 run);
+#   6. a summary line: the aggregate images/s ratio R=64 / R=1 (issue: >= 20) and both MFUs.
+# SMALL=1: tiny sizes and steps, for a dry run on CPU (every command end to end, minutes).
+# Each measurement has its own time limit; one that fails or times out writes an error line
+# and the next ones still run.
+set -uo pipefail
+
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+JSONL="$OUT/gpu.jsonl"
+LOG="$OUT/gpu.log"
+: > "$JSONL"
+: > "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! python -c "import ml_collections" 2>/dev/null; then
+  deps=/tmp/reinit_gpu_check_deps
+  pip install --quiet --no-index --no-deps --target "$deps" wheels/ml_collections-*.whl >>"$LOG" 2>&1 \
+    || { echo "ml_collections is missing and wheels/ml_collections-*.whl did not install" >&2; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$deps"
+fi
+
+if [[ "${SMALL:-0}" == 1 ]]; then
+  CNN="--image_size=8 --batch_size=8 --width=0.25"; RESNET="--image_size=8 --batch_size=4 --width=0.125"
+  R_BIG=4; R_RESNET=2; STEPS=2; REPEATS=1; TWIN_STEPS=2; LIMIT=400
+else
+  CNN="--image_size=32 --batch_size=64"; RESNET="--image_size=32 --batch_size=64"
+  R_BIG=64; R_RESNET=8; STEPS=20; REPEATS=3; TWIN_STEPS=20; LIMIT=90
+fi
+
+# measure NAME LIMIT_S COMMAND...: the command's last stdout line (JSON), tagged with NAME.
+measure() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" >>"$LOG"
+  local start=$SECONDS line
+  line=$(timeout "$limit" "$@" 2>>"$LOG" | tail -n 1)
+  local status=$?
+  if [[ $status -ne 0 || "${line:0:1}" != "{" ]]; then
+    line="{\"error\": \"exit $status after $((SECONDS - start)) s; see gpu.log\"}"
+  fi
+  line=$(python -c 'import json, sys; d = json.loads(sys.argv[2]); print(json.dumps({"check": sys.argv[1], "wall_s": int(sys.argv[3]), **d}))' \
+         "$name" "$line" "$((SECONDS - start))")
+  echo "$line" | tee -a "$JSONL"
+}
+
+field() {  # field CHECK KEY: the value of KEY in the line of CHECK (empty if none)
+  python -c 'import json, sys
+for l in open(sys.argv[1]):
+  d = json.loads(l)
+  if d.get("check") == sys.argv[2] and d.get(sys.argv[3]) is not None: print(d[sys.argv[3]])' \
+    "$JSONL" "$1" "$2"
+}
+
+python -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tee -a "$LOG"
+measure simple_cnn_r1 "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --check_methods=none --steps=$((STEPS * 2)) --repeats=$REPEATS
+measure simple_cnn_group "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --runs_per_program=$R_BIG --steps=$STEPS --repeats=$REPEATS
+measure resnet18_group "$((LIMIT * 3 / 2))" python -m launch.benchmark --model=resnet18 $RESNET \
+  --compute_dtype=bfloat16 --runs_per_program=$R_RESNET --steps=$STEPS --repeats=$REPEATS
+flops=$(field resnet18_group train_flops_per_image)
+measure resnet18_torch_twin "$LIMIT" python -m launch.torch_twin --model=resnet18 $RESNET \
+  --bf16 --runs=$R_RESNET --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
+flops=$(field simple_cnn_group train_flops_per_image)
+measure simple_cnn_torch_twin "$LIMIT" python -m launch.torch_twin --model=simple_cnn $CNN \
+  --runs=1 --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
+
+python - "$JSONL" <<'EOF' | tee -a "$JSONL"
+import json, sys
+lines = {d["check"]: d for d in map(json.loads, open(sys.argv[1]))}
+get = lambda check, key: lines.get(check, {}).get(key)
+one, group = get("simple_cnn_r1", "train_images_per_s"), get("simple_cnn_group", "aggregate_images_per_s")
+print(json.dumps({
+    "check": "summary",
+    "simple_cnn_runs": get("simple_cnn_group", "runs_per_program"),
+    "simple_cnn_aggregate_over_r1": round(group / one, 2) if one and group else None,
+    "resnet18_group_mfu": get("resnet18_group", "mfu"),
+    "resnet18_torch_twin_mfu": get("resnet18_torch_twin", "mfu"),
+    "resnet18_group_over_torch_images_per_s": (
+        round(get("resnet18_group", "aggregate_images_per_s") / get("resnet18_torch_twin", "images_per_s"), 2)
+        if get("resnet18_group", "aggregate_images_per_s") and get("resnet18_torch_twin", "images_per_s") else None),
+    "errors": [c for c, d in lines.items() if "error" in d],
+}))
+EOF
