@@ -402,14 +402,14 @@ def time_pipeline_fed_steps(setup: Setup, config, state, steps: int, repeats: in
 def group_initial_states(config, model, tx, plan, image_shape, runs: int):
   """The stage-0 train states of seeds config.seed .. config.seed + runs - 1, stacked (R, ...).
 
-  Each run's keys, init and method memory are those of the run alone (`train._run_keys`)."""
+  Each run's keys, init and method memory are those of the run alone (`train.run_keys`)."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
 
   def one(seed):
-    init_key, _, method_key = train._run_keys(seed)  # pylint: disable=protected-access
-    variables = model.init(init_key, dummy, train=False)
+    keys = train.run_keys(seed)
+    variables = model.init(keys.init, dummy, train=False)
     return train.TrainState(jnp.zeros((), jnp.int32), variables, tx.init(variables["params"]),
-                            plan.begin(variables, method_key))
+                            plan.begin(variables, keys.method))
   return jax.jit(jax.vmap(one))(config.seed + jnp.arange(runs))
 
 
@@ -435,10 +435,9 @@ def group_benchmark() -> dict:
   units = tree_lib.layer_order(model, jax.random.key(0), jnp.zeros((1, *image_shape)),
                                train=False)
   plan = methods.make_plan(config, units)
-  tx = train.make_optimizer(config)
+  tx = plan.optimizer(train.make_optimizer(config))
   train_step = train.make_train_step(model, tx, num_classes=num_classes,
-                                     label_smoothing=config.label_smoothing,
-                                     holds_zeros=plan.holds_zeros)
+                                     label_smoothing=config.label_smoothing)
   pad = max(1, min(4, config.image_size // 8)) if config.augment != "none" else 0
   loop = groups.group_train_loop(train_step, steps=steps, batch_size=batch, pad=pad,
                                  flip=config.augment == "crop_flip",
@@ -465,7 +464,7 @@ def group_benchmark() -> dict:
   one_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states)
   one_batch = {"image": jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32),
                "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  run_step_flops = _device_flops(jax.jit(train_step).lower(
+  run_step_flops = train.flops(jax.jit(train_step).lower(
       one_state, one_batch, jax.ShapeDtypeStruct((), jnp.float32)).compile())
 
   holder = [states]

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check of issue 14 (groups of runs), run once on one GPU, from the repository root:
 #
-#   pip download ml_collections==1.1.0 --no-deps -d wheels   # here, once: the GPU host lacks it
-#   OUT=/tmp/out bash launch/gpu_check.sh                      # on the GPU host, ~5 minutes
+#   pip download --no-deps -d .whl ml_collections==1.1.0 clu==0.0.12  # here, once
+#   OUT=/tmp/out bash launch/gpu_check.sh                              # on the GPU host, ~5 min
 #
-# Needs jax (CUDA), flax, optax, absl, numpy, torch; no TensorFlow, TFDS or clu (the synthetic
-# benchmark imports none: each JAX line has "imported_tf": false). ml_collections (read by
-# configs/benchmark.py; pure Python) is installed from wheels/ into a private folder when missing.
+# Needs jax (CUDA), flax, optax, absl, numpy, torch; no TensorFlow or TFDS (the synthetic
+# benchmark imports neither: each JAX line has "imported_tf": false).
 # Measures, each line of JSON appended to $OUT/gpu.jsonl and printed:
 #   1. simple_cnn 32 px, batch 64, one run per program (today's path: a step per host call);
 #   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s;
@@ -27,10 +26,13 @@ LOG="$OUT/gpu.log"
 : > "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! python -c "import ml_collections" 2>/dev/null; then
+# The GPU host lacks ml_collections (configs) and clu (the eval step's metrics): pure-Python
+# wheels downloaded here (`pip download --no-deps -d .whl ml_collections==1.1.0 clu==0.0.12`)
+# are installed into a private folder when missing.
+if ! python -c "import ml_collections, clu" 2>/dev/null; then
   deps=/tmp/reinit_gpu_check_deps
-  pip install --quiet --no-index --no-deps --target "$deps" wheels/ml_collections-*.whl >>"$LOG" 2>&1 \
-    || { echo "ml_collections is missing and wheels/ml_collections-*.whl did not install" >&2; exit 2; }
+  pip install --quiet --no-index --no-deps --target "$deps" "${WHEELS:-.whl}"/*.whl >>"$LOG" 2>&1 \
+    || { echo "ml_collections or clu is missing and ${WHEELS:-.whl}/*.whl did not install" >&2; exit 2; }
   export PYTHONPATH="$PYTHONPATH:$deps"
 fi
 
