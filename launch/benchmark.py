@@ -71,6 +71,8 @@ _PIPELINE_BATCHES = flags.DEFINE_integer(
     "pipeline_batches", 200, "Training batches of --dataset's pipeline timed alone.",
     lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "lw", methods.METHODS, "Method whose switch is timed.")
+_CONV = flags.DEFINE_enum("conv", "xla", ["xla", "im2col"],
+                          "Convolution: XLA's, or image patches times the kernel.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of the model.", lower_bound=0)
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
                                    "Activation dtype (params stay float32).")
@@ -128,6 +130,7 @@ def make_config(method: str):
   config.batch_size = config.eval_batch_size = _BATCH_SIZE.value
   config.width = _WIDTH.value
   config.compute_dtype = _COMPUTE_DTYPE.value
+  config.conv = _CONV.value
   if _IMAGE_SIZE.value is not None or not _DATASET.value:
     config.image_size = _IMAGE_SIZE.value or 32
   if _DATA_DIR.value:
@@ -482,7 +485,8 @@ def group_benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": config.image_size,
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "augment": config.augment, "dataset": None,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": _CONV.value, "augment": config.augment,
+      "dataset": None,
       "runs_per_program": runs, "devices": mesh.size, "backend": jax.default_backend(),
       "device_kind": device.device_kind, "cpu_threads": len(os.sched_getaffinity(0)),
       "steps": steps, "repeats": repeats,
@@ -543,7 +547,7 @@ def benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": image_shape[0],
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "dataset": _DATASET.value,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": _CONV.value, "dataset": _DATASET.value,
       "devices": devices, "backend": jax.default_backend(), "device_kind": device.device_kind,
       "cpu_threads": len(os.sched_getaffinity(0)), "steps": steps, "repeats": repeats,
       "train_images_per_s": round(batch / step_s, 2),

@@ -109,6 +109,7 @@ def validate(config) -> None:
   _choice("model", config.model, sorted(models.MODELS))
   _choice("method", config.method, methods.METHODS)
   _choice("compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
+  _choice("conv", config.get("conv", "xla"), tuple(models.CONVOLUTIONS))
   _check_data_fields(config)
   _check_optimization(config)
   _check_devices(config)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from reinit.models.conv import conv_layer
 from reinit.models.standardize import Standardize
 
 # Largest image side (px) that gets the CIFAR-style stem under stem='auto'.
@@ -44,15 +45,16 @@ class Stem(nn.Module):
   features: int
   imagenet: bool
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.imagenet:
-      x = nn.Conv(self.features, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
-                  dtype=self.dtype, name="conv")(x)
+      x = conv_layer(self.conv, self.features, (7, 7), strides=(2, 2), padding=_pad(7),
+                     use_bias=False, dtype=self.dtype, name="conv")(x)
     else:
-      x = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False, dtype=self.dtype,
-                  name="conv")(x)
+      x = conv_layer(self.conv, self.features, (3, 3), padding=_pad(3), use_bias=False,
+                     dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="bn")(x)
     x = nn.relu(x)
     if self.imagenet:
@@ -70,6 +72,7 @@ class BasicBlock(nn.Module):
   strides: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   expansion = 1  # output channels / `features` (a class constant, not a field)
 
@@ -77,15 +80,16 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool):
     bn = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                          dtype=self.dtype, name=name, **kw)
-    y = nn.Conv(self.features, (3, 3), strides=(self.strides,) * 2, padding=_pad(3),
-                use_bias=False, dtype=self.dtype, name="conv1")(x)
+    y = conv_layer(self.conv, self.features, (3, 3), strides=(self.strides,) * 2,
+                   padding=_pad(3), use_bias=False, dtype=self.dtype, name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = nn.Conv(self.features, (3, 3), padding=_pad(3), use_bias=False, dtype=self.dtype,
-                name="conv2")(y)
+    y = conv_layer(self.conv, self.features, (3, 3), padding=_pad(3), use_bias=False,
+                   dtype=self.dtype, name="conv2")(y)
     # A zero scale makes the block start as the identity (Goyal et al., 2017).
     y = bn("bn2", scale_init=nn.initializers.zeros if self.zero_init_residual
            else nn.initializers.ones)(y)
-    shortcut = _shortcut(x, self.features * self.expansion, self.strides, bn, self.dtype)
+    shortcut = _shortcut(x, self.features * self.expansion, self.strides, bn, self.dtype,
+                         self.conv)
     return Standardize()(nn.relu(y + shortcut))
 
 
@@ -100,6 +104,7 @@ class Bottleneck(nn.Module):
   strides: int = 1
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   expansion = 4
 
@@ -107,28 +112,30 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool):
     bn = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                          dtype=self.dtype, name=name, **kw)
-    y = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv1")(x)
+    y = conv_layer(self.conv, self.features, (1, 1), use_bias=False, dtype=self.dtype,
+                   name="conv1")(x)
     y = nn.relu(bn("bn1")(y))
-    y = nn.Conv(self.features, (3, 3), strides=(self.strides,) * 2, padding=_pad(3),
-                use_bias=False, dtype=self.dtype, name="conv2")(y)
+    y = conv_layer(self.conv, self.features, (3, 3), strides=(self.strides,) * 2,
+                   padding=_pad(3), use_bias=False, dtype=self.dtype, name="conv2")(y)
     y = nn.relu(bn("bn2")(y))
-    y = nn.Conv(self.features * self.expansion, (1, 1), use_bias=False, dtype=self.dtype,
-                name="conv3")(y)
+    y = conv_layer(self.conv, self.features * self.expansion, (1, 1), use_bias=False,
+                   dtype=self.dtype, name="conv3")(y)
     y = bn("bn3", scale_init=nn.initializers.zeros if self.zero_init_residual
            else nn.initializers.ones)(y)
-    shortcut = _shortcut(x, self.features * self.expansion, self.strides, bn, self.dtype)
+    shortcut = _shortcut(x, self.features * self.expansion, self.strides, bn, self.dtype,
+                         self.conv)
     return Standardize()(nn.relu(y + shortcut))
 
 
-def _shortcut(x, out_features: int, strides: int, bn, dtype):
+def _shortcut(x, out_features: int, strides: int, bn, dtype, conv: str):
   """Identity when the shape is kept, else a 1x1 conv (stride `strides`) + BN projection.
 
   Called inside the block's compact `__call__`, so its modules belong to that block.
   """
   if strides == 1 and x.shape[-1] == out_features:
     return x
-  x = nn.Conv(out_features, (1, 1), strides=(strides, strides), use_bias=False, dtype=dtype,
-              name="shortcut_conv")(x)
+  x = conv_layer(conv, out_features, (1, 1), strides=(strides, strides), use_bias=False,
+                 dtype=dtype, name="shortcut_conv")(x)
   return bn("shortcut_bn")(x)
 
 
@@ -146,6 +153,7 @@ class ResNet(nn.Module):
   stem: str = "auto"  # 'auto' | 'cifar' | 'imagenet', see the module docstring
   zero_init_residual: bool = False
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -157,14 +165,15 @@ class ResNet(nn.Module):
                 or (self.stem == "auto" and max(x.shape[1:3]) > SMALL_IMAGE_MAX_SIDE))
     scaled = lambda w: max(1, int(round(w * self.width)))
     x = x.astype(self.dtype)
-    x = Stem(scaled(self.widths[0]), imagenet, dtype=self.dtype, name="stem")(x, train)
+    x = Stem(scaled(self.widths[0]), imagenet, dtype=self.dtype, conv=self.conv,
+             name="stem")(x, train)
     block_cls = BLOCKS[self.block]
     index = 0
     for stage, (stage_width, size) in enumerate(zip(self.widths, self.stage_sizes)):
       for i in range(size):
         strides = 2 if stage > 0 and i == 0 else 1
         x = block_cls(scaled(stage_width), strides, self.zero_init_residual, dtype=self.dtype,
-                      name=f"block{index}")(x, train)
+                      conv=self.conv, name=f"block{index}")(x, train)
         index += 1
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from reinit.models.conv import conv_layer
 from reinit.models.standardize import Standardize
 
 
@@ -30,15 +31,20 @@ def max_pool_2x2(x):
 
 
 class ConvBlock(nn.Module):
-  """conv3x3 -> BN -> ReLU [-> max-pool 2x2] -> Standardize. (N, H, W, C) -> (N, H', W', features)."""
+  """conv3x3 -> BN -> ReLU [-> max-pool 2x2] -> Standardize.
+
+  (N, H, W, C) -> (N, H', W', features).
+  """
 
   features: int
   pool: bool
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
+    x = conv_layer(self.conv, self.features, (3, 3), padding="SAME", use_bias=False,
+                   dtype=self.dtype)(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
     x = nn.relu(x)
     if self.pool:
@@ -53,6 +59,7 @@ class SimpleCNN(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   width: float = 1.0  # multiplier on `widths`, for quick runs
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -61,7 +68,8 @@ class SimpleCNN(nn.Module):
     for stage_width in self.widths:
       features = max(1, int(round(stage_width * self.width)))
       for pool in (False, True):
-        x = ConvBlock(features, pool, dtype=self.dtype, name=f"block{index}")(x, train)
+        x = ConvBlock(features, pool, dtype=self.dtype, conv=self.conv,
+                      name=f"block{index}")(x, train)
         index += 1
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

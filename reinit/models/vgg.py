@@ -85,6 +85,7 @@ class VGG16(nn.Module):
   classifier: str = "auto"  # 'auto' | 'gap' | 'fc', see the module docstring
   dropout_rate: float = 0.0  # 'fc' classifier only; the original's 0.5 needs a 'dropout' rng
   dtype: Any = jnp.float32
+  conv: str = "xla"  # a key of `conv.CONVOLUTIONS`
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -98,7 +99,7 @@ class VGG16(nn.Module):
     for stage_width, depth in VGG16_STAGES:
       features = max(1, int(round(stage_width * self.width)))
       for layer in range(depth):
-        x = ConvBlock(features, pool=layer == depth - 1, dtype=self.dtype,
+        x = ConvBlock(features, pool=layer == depth - 1, dtype=self.dtype, conv=self.conv,
                       name=f"block{index}")(x, train)
         index += 1
     if classifier == "gap":
