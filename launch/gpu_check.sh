@@ -9,7 +9,8 @@
 # configs/benchmark.py; pure Python) is installed from wheels/ into a private folder when missing.
 # Measures, each line of JSON appended to $OUT/gpu.jsonl and printed:
 #   1. simple_cnn 32 px, batch 64, one run per program (today's path: a step per host call);
-#   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s;
+#   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s; and
+#      with `--over_runs=map` (the runs one after the other in the program);
 #   3. resnet18 32 px bfloat16, a group of R=8: MFU;
 #   4. the PyTorch twin of 3: resnet18 bf16 autocast, channels_last, 8 runs one after the
 #      other, MFU at the JAX line's FLOP count; 5. the twin of 1 (simple_cnn, 1 run);
@@ -70,6 +71,9 @@ measure simple_cnn_r1 "$LIMIT" python -m launch.benchmark --model=simple_cnn $CN
   --check_methods=none --steps=$((STEPS * 2)) --repeats=$REPEATS
 measure simple_cnn_group "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
   --runs_per_program=$R_BIG --steps=$STEPS --repeats=$REPEATS
+# The runs one after the other inside the program (no grouped convolutions): which wins here.
+measure simple_cnn_group_map "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --runs_per_program=$R_BIG --over_runs=map --steps=$STEPS --repeats=$REPEATS
 measure resnet18_group "$((LIMIT * 3 / 2))" python -m launch.benchmark --model=resnet18 $RESNET \
   --compute_dtype=bfloat16 --runs_per_program=$R_RESNET --steps=$STEPS --repeats=$REPEATS
 flops=$(field resnet18_group train_flops_per_image)
@@ -88,6 +92,9 @@ print(json.dumps({
     "check": "summary",
     "simple_cnn_runs": get("simple_cnn_group", "runs_per_program"),
     "simple_cnn_aggregate_over_r1": round(group / one, 2) if one and group else None,
+    "simple_cnn_map_aggregate_over_r1": (
+        round(get("simple_cnn_group_map", "aggregate_images_per_s") / one, 2)
+        if one and get("simple_cnn_group_map", "aggregate_images_per_s") else None),
     "resnet18_group_mfu": get("resnet18_group", "mfu"),
     "resnet18_torch_twin_mfu": get("resnet18_torch_twin", "mfu"),
     "resnet18_group_over_torch_images_per_s": (
