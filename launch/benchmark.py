@@ -85,6 +85,9 @@ _RUNS_PER_PROGRAM = flags.DEFINE_integer(
     "runs_per_program", 1, "Runs trained by one program (a group, `reinit.groups`): above 1, "
     "times the group's vmapped and scanned train loop on synthetic device-resident data.",
     lower_bound=1)
+_OVER_RUNS = flags.DEFINE_enum(
+    "over_runs", "vmap", groups.OVER_RUNS, "With runs_per_program > 1: the runs' steps "
+    "batched (vmap) or one after the other in the program (map); `reinit.groups`.")
 _CHECK_METHODS = flags.DEFINE_list(
     "check_methods", None, "Methods whose stage switches are checked for recompiles; "
     "default: all of reinit.methods.METHODS; 'none': none.")
@@ -444,7 +447,8 @@ def group_benchmark() -> dict:
   pad = max(1, min(4, config.image_size // 8)) if config.augment != "none" else 0
   loop = groups.group_train_loop(train_step, steps=steps, batch_size=batch, pad=pad,
                                  flip=config.augment == "crop_flip",
-                                 pad_mode=config.get("pad_mode", "reflect"))
+                                 pad_mode=config.get("pad_mode", "reflect"),
+                                 over_runs=_OVER_RUNS.value)
 
   mesh = group_mesh(runs)
   spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
@@ -486,8 +490,8 @@ def group_benchmark() -> dict:
       "model": _MODEL.value, "batch_size": batch, "image_size": config.image_size,
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
       "compute_dtype": _COMPUTE_DTYPE.value, "conv": _CONV.value, "augment": config.augment,
-      "dataset": None,
-      "runs_per_program": runs, "devices": mesh.size, "backend": jax.default_backend(),
+      "dataset": None, "runs_per_program": runs, "over_runs": _OVER_RUNS.value,
+      "devices": mesh.size, "backend": jax.default_backend(),
       "device_kind": device.device_kind, "cpu_threads": len(os.sched_getaffinity(0)),
       "steps": steps, "repeats": repeats,
       "aggregate_images_per_s": round(runs * batch / step_s, 2),

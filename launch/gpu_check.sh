@@ -8,7 +8,8 @@
 # benchmark imports neither: each JAX line has "imported_tf": false).
 # Measures, each line of JSON appended to $OUT/gpu.jsonl and printed:
 #   1. simple_cnn 32 px, batch 64, one run per program (today's path: a step per host call);
-#   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s;
+#   2. the same as a group of R=64 runs (`--runs_per_program=64`): aggregate images/s; and
+#      with `--over_runs=map` (the runs one after the other in the program);
 #   3. resnet18 32 px bfloat16, a group of R=8: MFU;
 #   4. the PyTorch twin of 3: resnet18 bf16 autocast, channels_last, 8 runs one after the
 #      other, MFU at the JAX line's FLOP count; 5. the twin of 1 (simple_cnn, 1 run);
@@ -72,8 +73,20 @@ measure simple_cnn_r1 "$LIMIT" python -m launch.benchmark --model=simple_cnn $CN
   --check_methods=none --steps=$((STEPS * 2)) --repeats=$REPEATS
 measure simple_cnn_group "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
   --runs_per_program=$R_BIG --steps=$STEPS --repeats=$REPEATS
+# The runs one after the other inside the program (no grouped convolutions): which wins here.
+measure simple_cnn_group_map "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --runs_per_program=$R_BIG --over_runs=map --steps=$STEPS --repeats=$REPEATS
+# Image patches times the kernel (`--conv=im2col`): under vmap a batched matmul, not a grouped
+# convolution.
+measure simple_cnn_r1_im2col "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --conv=im2col --check_methods=none --steps=$((STEPS * 2)) --repeats=$REPEATS
+measure simple_cnn_group_im2col "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
+  --conv=im2col --runs_per_program=$R_BIG --steps=$STEPS --repeats=$REPEATS
 measure resnet18_group "$((LIMIT * 3 / 2))" python -m launch.benchmark --model=resnet18 $RESNET \
   --compute_dtype=bfloat16 --runs_per_program=$R_RESNET --steps=$STEPS --repeats=$REPEATS
+measure resnet18_group_im2col "$((LIMIT * 3 / 2))" python -m launch.benchmark --model=resnet18 \
+  $RESNET --compute_dtype=bfloat16 --conv=im2col --runs_per_program=$R_RESNET --steps=$STEPS \
+  --repeats=$REPEATS
 flops=$(field resnet18_group train_flops_per_image)
 measure resnet18_torch_twin "$LIMIT" python -m launch.torch_twin --model=resnet18 $RESNET \
   --bf16 --runs=$R_RESNET --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
@@ -81,20 +94,44 @@ flops=$(field simple_cnn_group train_flops_per_image)
 measure simple_cnn_torch_twin "$LIMIT" python -m launch.torch_twin --model=simple_cnn $CNN \
   --runs=1 --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
 
-python - "$JSONL" <<'EOF' | tee -a "$JSONL"
+# XLA's cost analysis on GPU misses cuDNN's convolutions (custom calls): MFU from the train
+# FLOPs per image XLA's CPU backend counts, passed as RESNET18_FLOPS / SIMPLE_CNN_FLOPS.
+python - "$JSONL" "${RESNET18_FLOPS:-}" "${SIMPLE_CNN_FLOPS:-}" <<'EOF' | tee -a "$JSONL"
 import json, sys
 lines = {d["check"]: d for d in map(json.loads, open(sys.argv[1]))}
+resnet_flops, cnn_flops = (float(f) if f else None for f in sys.argv[2:4])
+
+
+def mfu(check, flops, peak):
+  rate = get(check, "aggregate_images_per_s") or get(check, "images_per_s") or get(
+      check, "train_images_per_s")
+  return round(rate * flops / peak, 4) if rate and flops else None
+
+
 get = lambda check, key: lines.get(check, {}).get(key)
 one, group = get("simple_cnn_r1", "train_images_per_s"), get("simple_cnn_group", "aggregate_images_per_s")
 print(json.dumps({
     "check": "summary",
     "simple_cnn_runs": get("simple_cnn_group", "runs_per_program"),
     "simple_cnn_aggregate_over_r1": round(group / one, 2) if one and group else None,
+    "simple_cnn_map_aggregate_over_r1": (
+        round(get("simple_cnn_group_map", "aggregate_images_per_s") / one, 2)
+        if one and get("simple_cnn_group_map", "aggregate_images_per_s") else None),
     "resnet18_group_mfu": get("resnet18_group", "mfu"),
     "resnet18_torch_twin_mfu": get("resnet18_torch_twin", "mfu"),
     "resnet18_group_over_torch_images_per_s": (
         round(get("resnet18_group", "aggregate_images_per_s") / get("resnet18_torch_twin", "images_per_s"), 2)
         if get("resnet18_group", "aggregate_images_per_s") and get("resnet18_torch_twin", "images_per_s") else None),
+    "simple_cnn_im2col_aggregate_over_r1": (
+        round(get("simple_cnn_group_im2col", "aggregate_images_per_s") / one, 2)
+        if one and get("simple_cnn_group_im2col", "aggregate_images_per_s") else None),
+    # H100 dense peaks: 989 TFLOP/s bf16, 494 TF32 (float32 at JAX's default precision).
+    "mfu_from_cpu_flops": {
+        "resnet18_group": mfu("resnet18_group", resnet_flops, 989e12),
+        "resnet18_group_im2col": mfu("resnet18_group_im2col", resnet_flops, 989e12),
+        "resnet18_torch_twin": mfu("resnet18_torch_twin", resnet_flops, 989e12),
+        "simple_cnn_r1": mfu("simple_cnn_r1", cnn_flops, 494e12),
+        "simple_cnn_group_im2col": mfu("simple_cnn_group_im2col", cnn_flops, 494e12)},
     "errors": [c for c, d in lines.items() if "error" in d],
 }))
 EOF

@@ -30,6 +30,7 @@ PyTree = Any
 # The normalization of `reinit.data.pipeline.normalize`: uint8 0..255 -> (x / 255 - 0.5) / 0.25.
 _MEAN, _STD = 0.5, 0.25
 PAD_MODES = {"reflect": "reflect", "zero": "constant"}
+OVER_RUNS = ("vmap", "map")
 
 
 # ---------------------------------------------------------------- the run axis
@@ -161,7 +162,7 @@ def _gather(images, labels, indices, key, **augmentation) -> dict[str, jax.Array
 
 
 def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: int = 0,
-                     flip: bool = False, pad_mode: str = "reflect",
+                     flip: bool = False, pad_mode: str = "reflect", over_runs: str = "vmap",
                      step_of: Callable[[PyTree], jax.Array] = lambda state: state.step):
   """The trainer's single-run step, vmapped over the runs and scanned over `steps` steps.
 
@@ -171,6 +172,9 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
     steps: S, steps per call (a logging window).
     batch_size: B, per run.
     pad, flip, pad_mode: the augmentation (`augment`).
+    over_runs: 'vmap' (the runs' steps batched into one: convolutions become grouped ones,
+      feature_group_count=R, which XLA:CPU runs far slower than R plain ones) or 'map' (the
+      runs one after the other inside the program, `lax.map`: no grouped convolutions).
     step_of: the global step of a run's state (its data stream's position).
 
   Returns:
@@ -199,7 +203,14 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       return train_step(state, batch, learning_rate)
     return jax.lax.scan(body, state, (learning_rates, orders, jnp.arange(steps, dtype=jnp.int32)))
 
-  grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None))
+  if over_runs not in OVER_RUNS:
+    raise ValueError(f"over_runs={over_runs!r} is unknown; accepted: {', '.join(OVER_RUNS)}")
+  if over_runs == "vmap":
+    grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None))
+  else:
+    def grouped(states, keys, members, images, labels, learning_rates):
+      return jax.lax.map(lambda run: run_loop(*run, images, labels, learning_rates),
+                         (states, keys, members))
 
   def loop(states, images, labels, keys, learning_rates, members=None):
     if members is None:

@@ -46,7 +46,7 @@ def setup():
   batch_fn = jax.jit(functools.partial(groups.run_batch, **augmentation))
   loops = {s: jax.jit(groups.group_train_loop(step, steps=s, **augmentation)) for s in (1, 3)}
   return types.SimpleNamespace(
-      model=model, tx=tx, step=jax.jit(step), images=jnp.asarray(images),
+      model=model, tx=tx, step=jax.jit(step), raw_step=step, augmentation=augmentation, images=jnp.asarray(images),
       labels=jnp.asarray(labels), members=jnp.asarray(members),
       keys=jax.random.split(jax.random.key(42), 8),
       states=[_state(model, tx, seed) for seed in range(8)],
@@ -101,6 +101,18 @@ def test_group_step_equals_each_run_alone(setup):
   # The runs differ (own init, order, augmentation): the comparison is not of equal runs.
   params = [run.variables["params"]["head"]["kernel"] for run in groups.unstack(states, R)]
   assert not np.allclose(params[0], params[1])
+
+
+def test_runs_mapped_one_after_the_other_equal_vmapped(setup):
+  loop = jax.jit(groups.group_train_loop(setup.raw_step, steps=1, over_runs="map",
+                                         **setup.augmentation))
+  mapped, mapped_metrics = loop(groups.stack(setup.states[:R]), setup.images, setup.labels,
+                                setup.keys[:R], setup.learning_rates[:1], setup.members[:R])
+  vmapped, losses = _group(setup, steps=1)
+  _assert_close(mapped.variables, vmapped.variables)
+  np.testing.assert_allclose(mapped_metrics["loss"], losses, rtol=RTOL)
+  with pytest.raises(ValueError, match="over_runs='pmap'.*vmap, map"):
+    groups.group_train_loop(setup.raw_step, steps=1, over_runs="pmap", **setup.augmentation)
 
 
 def test_scan_of_steps_equals_single_steps_and_windows_continue(setup):
