@@ -29,14 +29,21 @@ def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dil
     raise ValueError("im2col_conv handles neither dilation nor feature groups; accepted: "
                      "conv='xla' for those")
   kh, kw, c_in, c_out = rhs.shape
-  # HIGHEST: the patches are copies of the inputs (a 0/1 kernel); TF32 would round them.
-  patches = lax.conv_general_dilated_patches(
-      lhs, (kh, kw), window_strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=lax.Precision.HIGHEST)
-  # The patches' features are ordered (C_in, kh, kw): the kernel's rows must be too.
-  kernel = jnp.transpose(rhs, (2, 0, 1, 3)).reshape(c_in * kh * kw, c_out)
-  return jnp.einsum("nhwk,ko->nhwo", patches, kernel, precision=precision,
-                    preferred_element_type=preferred_element_type)
+  sh, sw = window_strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+  (top, bottom), (left, right) = padding
+  padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  out_h = (padded.shape[1] - kh) // sh + 1
+  out_w = (padded.shape[2] - kw) // sw + 1
+  # Shifted strided slices, not `lax.conv_general_dilated_patches` (itself a convolution with
+  # kh·kw·C_in outputs: ~kh·kw times the FLOPs of the convolution it replaces). Features are
+  # ordered (kh, kw, C_in), as the HWIO kernel's rows.
+  patches = jnp.concatenate(
+      [padded[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * c_in, c_out),
+                    precision=precision, preferred_element_type=preferred_element_type)
 
 
 CONVOLUTIONS = {"xla": None, "im2col": im2col_conv}  # None: flax's default, XLA's convolution
