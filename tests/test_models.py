@@ -266,3 +266,42 @@ def test_vgg_adaptive_pool_matches_torchvision_bins():
   assert small.shape == (1, 7, 7, 2)
   np.testing.assert_allclose(small[0, 0, 0], x[0, 0, 0], rtol=1e-6)
   np.testing.assert_allclose(small[0, 6, 6], x[0, 2, 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["simple_cnn", "resnet18"])
+def test_im2col_convolution_computes_what_xla_does(name):
+  # Strided, padded ('SAME' and explicit) and 1x1 convolutions all occur in these models.
+  # (vgg16's are simple_cnn's; at 16 px its training-mode BatchNorms over 1x1 maps of two
+  # images amplify float rounding past any useful tolerance: its forward pass is checked below.)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  xla = get_model(name, num_classes=10, width=0.25)
+  im2col = get_model(name, num_classes=10, width=0.25, conv="im2col")
+  variables = xla.init(jax.random.key(1), x, train=False)
+
+  def loss(model, params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            mutable=["batch_stats"])
+    return jnp.mean(jnp.square(logits))
+  expected, expected_grads = jax.value_and_grad(lambda p: loss(xla, p))(variables["params"])
+  value, grads = jax.value_and_grad(lambda p: loss(im2col, p))(variables["params"])
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_im2col_vgg16_evaluates_as_xla_does():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  xla = get_model("vgg16", num_classes=10, width=0.25)
+  variables = xla.init(jax.random.key(1), x, train=False)
+  np.testing.assert_allclose(
+      get_model("vgg16", num_classes=10, width=0.25, conv="im2col").apply(variables, x),
+      xla.apply(variables, x), rtol=1e-4, atol=1e-5)
+
+
+def test_im2col_refuses_what_it_does_not_compute():
+  from reinit.models import conv  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="conv='xla'"):
+    conv.im2col_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 4)), (1, 1), "SAME",
+                     rhs_dilation=(2, 2))
+  with pytest.raises(ValueError, match="conv='nope' is unknown"):
+    conv.conv_layer("nope", 4, (3, 3))
