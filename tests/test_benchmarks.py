@@ -213,9 +213,9 @@ def _check_pipeline_and_step(mock_tfds, key, model_name):
   state, train_step, eval_step = _programs(model_name, shape, bench.num_classes)
   state, metrics = train_step(state, train_batch, jnp.float32(0.01))
   assert np.isfinite(float(metrics["loss"]))
-  sums = eval_step(state.variables, eval_batches[-1])
-  assert float(sums["count"]) == eval_batches[-1]["mask"].sum()
-  assert np.isfinite(float(sums["loss"]))
+  metrics = eval_step(state.variables, eval_batches[-1])
+  assert int(metrics.accuracy.count) == eval_batches[-1]["mask"].sum()
+  assert np.isfinite(float(metrics.loss.total))
 
 
 @pytest.mark.parametrize("key", BENCHMARKS)
