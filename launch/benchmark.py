@@ -71,10 +71,10 @@ _PIPELINE_BATCHES = flags.DEFINE_integer(
     "pipeline_batches", 200, "Training batches of --dataset's pipeline timed alone.",
     lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "lw", methods.METHODS, "Method whose switch is timed.")
-_CONV = flags.DEFINE_enum("conv", "xla", ["xla", "im2col"],
+_CONV = flags.DEFINE_enum("conv", "xla", list(models.CONVOLUTIONS),
                           "Convolution: XLA's, or image patches times the kernel.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of the model.", lower_bound=0)
-_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+_COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(models.COMPUTE_DTYPES),
                                    "Activation dtype (params stay float32).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed repeat.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; medians are reported.",
@@ -197,8 +197,8 @@ class Setup:
     self.steps = None  # `compile`: the AOT compiled steps
 
   def compile(self, state) -> train.CompiledSteps:
-    self.steps = train.compile_steps(self.runtime, state, _abstract(self.train_batch),
-                                     _abstract(self.eval_batch))
+    self.steps = train.compile_steps(self.runtime, state, workdir_lib.abstract(self.train_batch),
+                                     workdir_lib.abstract(self.eval_batch))
     return self.steps
 
   def stage_start(self, k: int, state):
@@ -217,10 +217,6 @@ class Setup:
   def switches(self) -> range:
     """Stages whose switches run: 1..3, fewer when the plan has fewer stages."""
     return range(1, min(_SWITCHES + 1, self.plan.num_stages))
-
-
-def _abstract(tree):
-  return workdir_lib.abstract(tree)
 
 
 # ---------------------------------------------------------------- timing
@@ -464,7 +460,7 @@ def group_benchmark() -> dict:
   jitted = jax.jit(loop, in_shardings=(spread, shared, shared, spread, shared),
                    out_shardings=(spread, spread), donate_argnums=0)
   start = time.perf_counter()
-  compiled = jitted.lower(_abstract(states), images, labels, keys, learning_rates).compile()
+  compiled = jitted.lower(workdir_lib.abstract(states), images, labels, keys, learning_rates).compile()
   compile_s = time.perf_counter() - start
   _log(f"compiled the group loop ({runs} runs x {steps} steps) in {compile_s:.1f} s")
   # FLOPs of one run's step: the single-run step's cost analysis (a scan's is not per step).

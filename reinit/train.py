@@ -305,9 +305,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
   plan = _plan(config, units)
   workdir_lib.claim(config, workdir)
-  if workdir_lib.path(workdir, RESULTS_FILE).exists():
+  results_path = workdir_lib.path(workdir, RESULTS_FILE)
+  if results_path.exists():
     logging.info("%s is finished; returning its results", workdir)
-    return workdir_lib.read_json(workdir_lib.path(workdir, RESULTS_FILE))
+    return workdir_lib.read_json(results_path)
   logging.info("%s on %s with %s: %d stages, units %s, %d train examples, %d steps/epoch",
                plan.name, config.dataset, config.model, plan.num_stages, units,
                info.train_examples, data.steps_per_epoch)
@@ -331,11 +332,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
              preemption.Notice())
   try:
     state, progress = _restore_or_begin(run, state)
+    to_global = lambda batch: global_batch(batch, runtime.batch_sharding)
     # Two independent datasets over the same stream: training, and the plan's calibration.
     state = _run_stages(run, state, progress, train_ds, data.train(), {
-        "test": evaluation.EvalSet(test_ds, lambda b: global_batch(b, runtime.batch_sharding)),
-        "train": evaluation.EvalSet(data.train_eval(),
-                                    lambda b: global_batch(b, runtime.batch_sharding))})
+        "test": evaluation.EvalSet(test_ds, to_global),
+        "train": evaluation.EvalSet(data.train_eval(), to_global)})
   finally:
     # Also on errors and interrupts: an in-flight asynchronous save is completed, not left
     # half-written.

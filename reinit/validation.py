@@ -12,9 +12,8 @@ import jax
 
 from reinit import methods
 from reinit import models
+from reinit.data.registry import AUGMENTATIONS
 
-AUGMENTATIONS = ("none", "crop", "crop_flip")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZER_POLICIES = ("fresh", "masked")
 KE_GRANULARITIES = ("weight", "filter")
 
@@ -108,7 +107,7 @@ def validate(config) -> None:
   """Raises ConfigError (one line naming the field and the accepted values) on a bad field."""
   _choice("model", config.model, sorted(models.MODELS))
   _choice("method", config.method, methods.METHODS)
-  _choice("compute_dtype", config.compute_dtype, COMPUTE_DTYPES)
+  _choice("compute_dtype", config.compute_dtype, tuple(models.COMPUTE_DTYPES))
   _choice("conv", config.get("conv", "xla"), tuple(models.CONVOLUTIONS))
   _check_data_fields(config)
   _check_optimization(config)

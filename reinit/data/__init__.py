@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "Data": "pipeline",
     "DatasetInfo": "pipeline",
-    "AUGMENTATIONS": "preprocess",
+    "AUGMENTATIONS": "registry",
     "augment_image": "preprocess",
     "normalize": "preprocess",
     "DatasetNotPreparedError": "builders",

@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 
 # First: hides GPUs from TensorFlow before anything initializes TF's runtime.
 from reinit.data import builders
+from reinit.data.registry import AUGMENTATIONS
 
-AUGMENTATIONS = ("none", "crop", "crop_flip")
 PAD_MODES = {"reflect": "REFLECT", "zero": "CONSTANT"}
 # Largest padding before a random crop; small images use size // 8 instead.
 MAX_CROP_PAD = 4

@@ -6,6 +6,9 @@ Pure Python (no TensorFlow, TFDS or numpy), so that configs and machines without
 
 from typing import NamedTuple
 
+# Training-time augmentations (`augment`): none, random crop with padding, crop and flip.
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
 
 class Benchmark(NamedTuple):
   """One benchmark dataset: the config fields it sets, then TFDS metadata (hints only).
