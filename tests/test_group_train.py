@@ -1,0 +1,94 @@
+"""The grouped trainer (reinit.group_train): run i of a group is the run of its seed in a group
+of one, from bit-identical initial variables to (rtol 1e-5) final ones; a resumed group equals
+an unbroken one; every run writes the single run's results.json.
+
+Tiny LW on digits (simple_cnn width 0.125, 2 stages, a few steps), on CPU.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from reinit import group_train
+from reinit import train
+from reinit import workdir as workdir_lib
+
+SEEDS = (0, 1, 2)
+
+
+def _config(data_dir, **overrides):
+  config = digits_config.get_config("method=lw")
+  config.data_dir = data_dir
+  config.width = 0.125
+  config.train_examples = 40
+  config.batch_size = 16
+  config.eval_batch_size = 100
+  config.epochs_per_stage = 1
+  config.num_stages = 2
+  config.log_every_steps = 2
+  config.num_devices = 1  # the grouped trainer runs on one device for now
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _group(config, root, name, seeds):
+  workdirs = [os.path.join(root, name, f"seed{s}") for s in seeds]
+  return workdirs, group_train.train_group(config, seeds, workdirs)
+
+
+@pytest.fixture(scope="module")
+def groups_run(data_dir, tmp_path_factory):
+  """The group of SEEDS and, for the middle seed, a group of one."""
+  root = str(tmp_path_factory.mktemp("groups"))
+  config = _config(data_dir)
+  return root, _group(config, root, "all", SEEDS), _group(config, root, "one", SEEDS[1:2])
+
+
+def _variables(workdir, name):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir_lib.absolute(workdir), "variables", name))
+
+
+def test_run_of_group_equals_group_of_one(groups_run):
+  _, (all_dirs, _), (one_dirs, _) = groups_run
+  # The same initial variables, bit for bit, and the same as the seed's single run starts from.
+  init_all, init_one = _variables(all_dirs[1], "init"), _variables(one_dirs[0], "init")
+  jax.tree.map(np.testing.assert_array_equal, init_all, init_one)
+  other = _variables(all_dirs[0], "init")
+  # Another seed starts elsewhere (kernels differ; biases are zeros in every run).
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, init_all)))
+  final_all, final_one = _variables(all_dirs[1], "final"), _variables(one_dirs[0], "final")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               final_all, final_one)
+  # It trained: the final params are not the initial ones.
+  assert not all(jax.tree.leaves(jax.tree.map(np.allclose, final_one["params"],
+                                              init_one["params"])))
+
+
+def test_results_have_single_run_format(groups_run, data_dir, tmp_path_factory):
+  _, (all_dirs, results), (_, one_results) = groups_run
+  single = train.train_and_evaluate(_config(data_dir, seed=SEEDS[1]),
+                                    str(tmp_path_factory.mktemp("single")))
+  for workdir, result, seed in zip(all_dirs, results, SEEDS):
+    with open(os.path.join(workdir, "results.json")) as f:
+      written = json.load(f)
+    assert written == json.loads(json.dumps(result))
+    assert set(written) == set(single)
+    assert set(written["compute"]) == set(single["compute"])
+    assert [set(s) for s in written["stages"]] == [set(s) for s in single["stages"]]
+    assert written["seed"] == seed and written["test_examples"] == single["test_examples"]
+    assert written["compute"]["train_steps"] == single["compute"]["train_steps"]
+    assert written["compute"]["examples_seen"] == single["compute"]["examples_seen"]
+  np.testing.assert_allclose(results[1]["test_accuracy"], one_results[0]["test_accuracy"],
+                             atol=1e-6)
