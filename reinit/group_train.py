@@ -143,6 +143,11 @@ def _windows(steps: int, every: int, start: int = 0) -> list[tuple[int, int]]:
   return out
 
 
+def _train_window(loop, states, images, labels, keys, learning_rates, members):
+  """One compiled call: every run trains for the window's steps. (states, metrics (R, S))."""
+  return loop(states, images, labels, keys, learning_rates, members)
+
+
 def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
   """`evaluation.evaluate` of each run: metrics merged over batches, per-run totals read."""
   totals = None
@@ -322,7 +327,7 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       lrs = learning_rates[k]
       train_start = time.perf_counter()
       for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage):
-        states, metrics = loops[length](states, images, labels, data_keys,
+        states, metrics = _train_window(loops[length], states, images, labels, data_keys,
                                         jnp.asarray(lrs[first:first + length]), members)
         losses = np.asarray(metrics["loss"]).mean(axis=1)
         bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(losses))]

@@ -92,3 +92,50 @@ def test_results_have_single_run_format(groups_run, data_dir, tmp_path_factory):
     assert written["compute"]["examples_seen"] == single["compute"]["examples_seen"]
   np.testing.assert_allclose(results[1]["test_accuracy"], one_results[0]["test_accuracy"],
                              atol=1e-6)
+
+
+class Killed(Exception):
+  """Stands for a kill: raised in place of a window of training."""
+
+
+def _kill_after(monkeypatch, windows: int):
+  """Makes the group stop (as if killed) when it starts window number `windows + 1`."""
+  real, calls = group_train._train_window, [0]  # pylint: disable=protected-access
+
+  def counting(*args):
+    calls[0] += 1
+    if calls[0] > windows:
+      raise Killed()
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", counting)
+
+
+@pytest.fixture(scope="module")
+def unbroken(data_dir, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("unbroken"))
+  # 3 steps per epoch, 6 per stage; windows of 2 steps; checkpoints at steps 4, 6, 10 and 12.
+  config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
+  return config, _group(config, root, "g", SEEDS[:2])
+
+
+def _comparable(result):
+  return {k: v for k, v in result.items()
+          if k not in ("time_s", "wall_time_s", "resumed_from", "provenance")}
+
+
+# Killed in stage 0 after the checkpoint of step 4; right after the stage-0 end (step 6: the
+# switch and calibration run again); in stage 1 after the checkpoint of step 10.
+@pytest.mark.parametrize("windows,resumed_at", [(2, 4), (3, 6), (5, 10)])
+def test_resumed_group_equals_unbroken(unbroken, tmp_path, monkeypatch, windows, resumed_at):
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  _kill_after(monkeypatch, windows)
+  with pytest.raises(Killed):
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  monkeypatch.undo()
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
+                                                     unbroken_results):
+    assert result["resumed_from"] == [resumed_at]
+    assert _comparable(result) == _comparable(expected)
+    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
+                 _variables(expected_dir, "final"))
