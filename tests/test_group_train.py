@@ -139,3 +139,55 @@ def test_resumed_group_equals_unbroken(unbroken, tmp_path, monkeypatch, windows,
     assert _comparable(result) == _comparable(expected)
     jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
                  _variables(expected_dir, "final"))
+
+
+_KILLED_GROUP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from reinit import group_train
+from tests import test_group_train as t
+real, calls = group_train._train_window, [0]
+def killing(*args):
+  calls[0] += 1
+  if calls[0] > {windows}:
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: an in-flight save is cut
+  return real(*args)
+group_train._train_window = killing
+config = t._config({data_dir!r}, epochs_per_stage=2, checkpoint_every_steps=3)
+t._group(config, {workdir!r}, "g", t.SEEDS[:2])
+"""
+
+
+def test_group_killed_by_sigkill_resumes_exactly(unbroken, data_dir, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _KILLED_GROUP.format(root=root, windows=5, data_dir=data_dir, workdir=str(tmp_path))
+  killed = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, check=False, env={**os.environ, "PYTHONPATH": root})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
+                                                     unbroken_results):
+    # Killed right after the save of step 10 was issued: orbax writes it in the background,
+    # so the kill may cut it; the group then resumes from the stage end before (step 6).
+    assert result["resumed_from"] in ([10], [6])
+    assert _comparable(result) == _comparable(expected)
+    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
+                 _variables(expected_dir, "final"))
+
+
+def test_union_of_subsets_keeps_each_runs_examples_in_order():
+  # Run 0 trains on examples 5, 2, 7 of the split; run 1 on 2, 9, 5, where label noise gave
+  # example 5 another label (3 instead of 1): the union holds (5, 1) and (5, 3) both.
+  indices, labels, members = group_train.union_of_subsets([
+      (np.array([5, 2, 7]), np.array([1, 0, 4])),
+      (np.array([2, 9, 5]), np.array([0, 8, 3]))])
+  np.testing.assert_array_equal(indices, [2, 5, 5, 7, 9])
+  np.testing.assert_array_equal(labels, [0, 1, 3, 4, 8])
+  np.testing.assert_array_equal(indices[members], [[5, 2, 7], [2, 9, 5]])
+  np.testing.assert_array_equal(labels[members], [[1, 0, 4], [0, 8, 3]])
+  with pytest.raises(ValueError, match="differ in size"):
+    group_train.union_of_subsets([(np.array([1]), np.array([0])),
+                                  (np.array([1, 2]), np.array([0, 0]))])
