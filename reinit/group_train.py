@@ -39,6 +39,7 @@ import numpy as np
 from reinit import evaluation
 from reinit import groups
 from reinit import models
+from reinit import preemption
 from reinit import train
 from reinit import transforms
 from reinit import tree as tree_lib
@@ -203,6 +204,14 @@ def _switch_functions(model, tx, plan, image_shape, reset_optimizer: str):
 # ---------------------------------------------------------------- the group
 
 
+def _stop_preempted(manager, group_dir: str, step: int):
+  """Waits for the checkpoint of `step`, then raises `train.Preempted`."""
+  manager.wait_until_finished()
+  logging.warning("preempted: group checkpoint of step %d written; stopping", step)
+  raise train.Preempted(f"preempted at step {step}: the group's checkpoint is in {group_dir}; "
+                        "run the same command again to resume", step)
+
+
 def group_dir_of(workdirs: Sequence[str]) -> str:
   """The default group directory: next to the first run's workdir."""
   return os.path.normpath(workdirs[0]) + GROUP_DIR_SUFFIX
@@ -233,6 +242,9 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   configs = [seed_config(config, s) for s in seeds]
   for c in configs:
     validation.validate(c)
+  if validation.num_devices(config) != 1:
+    raise ConfigError(f"num_devices={config.get('num_devices', -1)!r} is not supported by a "
+                      "group of runs yet; accepted: 1")
   datas = [train._load_data(c) for c in configs]  # pylint: disable=protected-access
   info = datas[0].info
   keys = [run_keys(s) for s in seeds]
@@ -290,12 +302,21 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
           **augmentation)["image"],
       in_axes=(None, None, 0, None, None)), in_axes=(0, 0, None, None, None)))
 
-  manager = workdir_lib.checkpoint_manager(group_dir or group_dir_of(workdirs))
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
+             for w in workdirs]
+  group_dir = group_dir or group_dir_of(workdirs)
+  manager = workdir_lib.checkpoint_manager(group_dir)
+  # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
+  notice = preemption.Notice()
   try:
     restored = workdir_lib.restore_latest(
         manager, workdir_lib.abstract(GroupState(jnp.zeros((), jnp.int32), states)))
     if restored is None:
       progress = GroupProgress(stage_results=[[] for _ in seeds])
+      for c, writer in zip(configs, writers):
+        writer.write_hparams({k: v for k, v in workdir_lib.flat_config(c.to_dict()).items()
+                              if isinstance(v, (int, float, str, bool))})
       for w, variables in zip(workdirs, groups.unstack(states.variables, num_runs)):
         workdir_lib.save_variables(w, "init", variables)
     else:
@@ -335,11 +356,21 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
           raise train.TrainingDiverged(
               f"non-finite training loss at stage {k} for seeds {bad} (global step "
               f"{progress.global_step + length})")
+        means = {name: np.asarray(v, np.float64).mean(axis=1) for name, v in metrics.items()}
         before = progress.global_step
         progress.step_in_stage, progress.global_step = first + length, before + length
-        if every > 0 and before // every != progress.global_step // every \
-            and first + length < len(lrs):
+        for i, writer in enumerate(writers):
+          writer.write_scalars(progress.global_step,
+                               {f"train/{n}": float(v[i]) for n, v in means.items()}
+                               | {"train/learning_rate": float(lrs[first + length - 1]),
+                                  "stage": k})
+        last = first + length == len(lrs)
+        at_checkpoint = every > 0 and before // every != progress.global_step // every
+        preempted = notice.reached(progress.global_step)
+        if (at_checkpoint or preempted) and not last:
           save()
+        if preempted and not last:
+          _stop_preempted(manager, group_dir, progress.global_step)
       progress.train_s += time.perf_counter() - train_start
       eval_start = time.perf_counter()
       tests = _eval_group(eval_test, states.variables, test_batches, num_runs)
@@ -356,10 +387,20 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
                if name in tr}})
       logging.info("group stage %d/%d: mean test accuracy %.4f", k + 1, plan.num_stages,
                    np.mean([t["accuracy"] for t in tests]))
+      for i, writer in enumerate(writers):
+        writer.write_scalars(progress.global_step, {
+            "test/accuracy": tests[i]["accuracy"], "test/loss": tests[i]["loss"],
+            "train_eval/accuracy": trains[i]["accuracy"], "train_eval/loss": trains[i]["loss"]})
       progress.stage, progress.step_in_stage = k + 1, 0
       save()
+      if k + 1 < plan.num_stages and notice.signal is not None:
+        _stop_preempted(manager, group_dir, progress.global_step)
   finally:
+    # Also on errors and interrupts: an in-flight asynchronous save is completed.
     manager.wait_until_finished()
+    notice.restore()
+  for writer in writers:
+    writer.flush()
 
   wall_s = time.perf_counter() - start_time
   steps = types.SimpleNamespace(train_step_flops=train_step_flops, compile_s=compile_s)

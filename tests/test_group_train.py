@@ -191,3 +191,24 @@ def test_union_of_subsets_keeps_each_runs_examples_in_order():
   with pytest.raises(ValueError, match="differ in size"):
     group_train.union_of_subsets([(np.array([1]), np.array([0])),
                                   (np.array([1, 2]), np.array([0, 0]))])
+
+
+def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  real, calls = group_train._train_window, [0]  # pylint: disable=protected-access
+
+  def signalling(*args):
+    calls[0] += 1
+    if calls[0] == 4:  # during stage 1's first window (steps 6..8)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", signalling)
+  with pytest.raises(train.Preempted) as stopped:
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  assert stopped.value.step == 8  # that window's end, not a regular checkpoint step
+  monkeypatch.undo()
+  _, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for result, expected in zip(results, unbroken_results):
+    assert result["resumed_from"] == [8]
+    assert _comparable(result) == _comparable(expected)
