@@ -212,3 +212,31 @@ def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, 
   for result, expected in zip(results, unbroken_results):
     assert result["resumed_from"] == [8]
     assert _comparable(result) == _comparable(expected)
+
+
+def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
+  # Three stages, calibration off (it compiles once per calibrated unit, as a single run's
+  # does): from the last window of stage 1 to the last of stage 2 (stage 1's evaluation and
+  # checkpoint, stage 2's switch, optimizer reset and training) nothing is compiled.
+  config = _config(data_dir, num_stages=3)
+  config.lw.normalize = False
+  compiles, at_window = [0], []
+  def count(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles[0] += 1
+  jax.monitoring.register_event_duration_secs_listener(count)
+  real = group_train._train_window  # pylint: disable=protected-access
+
+  def recording(*args):
+    at_window.append(compiles[0])
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", recording)
+  try:
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  windows_per_stage = len(at_window) // 3  # 3 steps a stage, windows of 2: 2 a stage
+  assert windows_per_stage == 2 and len(at_window) == 6
+  assert at_window[-1] == at_window[2 * windows_per_stage - 1]
+  assert at_window[0] > 0  # the listener does count (stage 0 compiled the step functions)
