@@ -240,3 +240,48 @@ def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
   assert windows_per_stage == 2 and len(at_window) == 6
   assert at_window[-1] == at_window[2 * windows_per_stage - 1]
   assert at_window[0] > 0  # the listener does count (stage 0 compiled the step functions)
+
+
+# ------------------------------------------------------------------ launch.sweep --runs_per_program
+
+
+def test_program_groups_join_runs_differing_only_in_seed():
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  def config(method, seed, width=0.125):
+    return ml_collections.ConfigDict({"method": method, "seed": seed, "lw": {"width": width}})
+  configs = [config("lw", 0), config("baseline", 0), config("lw", 1), config("lw", 2),
+             config("lw", 3, width=0.25), config("lw", 4)]
+  assert sweep.program_groups(configs, 2) == [[0, 2], [3, 5], [1], [4]]
+  assert sweep.program_groups(configs, 8) == [[0, 2, 3, 5], [1], [4]]
+  assert sweep.program_groups(configs, 1) == [[i] for i in [0, 2, 3, 5, 1, 4]]
+
+
+_SWEEP_CONFIG = """
+from configs import digits
+get_config = digits.get_config
+def get_sweep(arg):
+  return [dict(method="lw", seed=0), dict(method="baseline", seed=0), dict(method="lw", seed=1)]
+"""
+
+
+def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  config_path = tmp_path / "tiny_sweep.py"
+  config_path.write_text(_SWEEP_CONFIG)
+  overrides = {"data_dir": data_dir, "width": 0.125, "train_examples": 40, "batch_size": 16,
+               "eval_batch_size": 100, "epochs_per_stage": 1, "num_stages": 2,
+               "num_devices": 1}
+  root = tmp_path / "runs"
+  finished = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  names = sorted(name for name, _, _ in finished)
+  assert len(names) == 3
+  for name in names:
+    assert (root / name / "results.json").exists()
+  # The two LW seeds trained as one group (its checkpoints next to the first's workdir); the
+  # baseline alone (its own checkpoints in its workdir).
+  lw_dirs = sorted(p.name for p in root.iterdir() if p.name.endswith(".group"))
+  assert len(lw_dirs) == 1 and "lw" in lw_dirs[0]
+  # Started again, every run is finished: nothing trains.
+  again = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  assert sorted(name for name, _, _ in again) == names
