@@ -218,7 +218,7 @@ def group_dir_of(workdirs: Sequence[str]) -> str:
 
 
 def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
-                group_dir: str | None = None) -> list[dict]:
+                group_dir: str | None = None, over_runs: str = "vmap") -> list[dict]:
   """Trains the runs of `config` with each of `seeds` as one program; writes each run's
   `results.json` (single-run format) in its workdir; returns the runs' results.
 
@@ -227,6 +227,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     seeds: R distinct seeds.
     workdirs: R run directories, one per seed (claimed as single runs claim theirs).
     group_dir: the group's checkpoints; default `group_dir_of(workdirs)`.
+    over_runs: 'vmap' or 'map' (`groups.group_train_loop`: on CPU with conv='xla', vmapped
+      convolutions become grouped ones, several times slower than the runs one by one).
 
   Raises:
     ConfigError: as `train.train_and_evaluate`, or seeds/workdirs that do not pair up.
@@ -283,7 +285,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
                     for _, n in _windows(len(lrs), config.log_every_steps)})
   compile_start = time.perf_counter()
   loops = {n: jax.jit(groups.group_train_loop(step, steps=n, batch_size=config.batch_size,
-                                              **augmentation), donate_argnums=0).lower(
+                                              over_runs=over_runs, **augmentation),
+                  donate_argnums=0).lower(
       states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
       members).compile() for n in lengths}
   compile_s = time.perf_counter() - compile_start

@@ -285,3 +285,12 @@ def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
   # Started again, every run is finished: nothing trains.
   again = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
   assert sorted(name for name, _, _ in again) == names
+
+
+def test_runs_one_after_another_equal_vmapped_runs(groups_run, data_dir):
+  root, (all_dirs, _), _ = groups_run
+  workdirs = [os.path.join(root, "map", f"seed{s}") for s in SEEDS]
+  group_train.train_group(_config(data_dir), SEEDS, workdirs, over_runs="map")
+  for mapped, vmapped in zip(workdirs, all_dirs):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _variables(mapped, "final"), _variables(vmapped, "final"))
