@@ -66,7 +66,8 @@ def main(argv):
                   "resubmit them", status=1)
   else:
     finished = sweep.run_sweep(config_path, arg, cli_overrides, root,
-                               dry_run=flags.FLAGS.dry_run)
+                               dry_run=flags.FLAGS.dry_run,
+                               runs_per_program=flags.FLAGS.runs_per_program)
   if flags.FLAGS.dry_run:
     return
   module = sweep.load_module(config_path)

@@ -53,6 +53,9 @@ _WAIT = flags.DEFINE_bool("wait", False, "With --scheduler=slurm: follow the arr
 _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the runs i with i % num_tasks "
                                    "== task_index (one host's share of a sweep).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
+_RUNS_PER_PROGRAM = flags.DEFINE_integer(
+    "runs_per_program", 1, "Local sweeps: train up to R runs that differ only in `seed` as "
+    "one program (reinit.group_train); 1: one run per program.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _ARG_KEYS = ("dataset", "model", "method")
@@ -128,9 +131,36 @@ def summary_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def program_groups(configs: list, runs_per_program: int) -> list[list[int]]:
+  """Indices of the runs trained together: runs whose configs differ only in `seed`, in the
+  order they first appear, cut into groups of at most `runs_per_program` (R >= 1)."""
+  from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  by_combination: dict[str, list[int]] = {}
+  for i, config in enumerate(configs):
+    key = json.dumps({k: v for k, v in workdir_lib.flat_config(config.to_dict()).items()
+                      if k != "seed"}, sort_keys=True, default=str)
+    by_combination.setdefault(key, []).append(i)
+  return [members[j:j + runs_per_program] for members in by_combination.values()
+          for j in range(0, len(members), runs_per_program)]
+
+
+def _group_or_exit(configs: list, workdirs: list[str]) -> list[dict]:
+  """`group_train.train_group` of runs differing only in seed; errors as `run_or_exit`."""
+  from reinit import group_train  # pylint: disable=g-import-not-at-top
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  try:
+    return group_train.train_group(configs[0], [c.seed for c in configs], workdirs)
+  except train.ConfigError as e:
+    common.fail(str(e))
+  except train.TrainingDiverged as e:
+    common.fail(str(e), status=3)
+  except train.Preempted as e:
+    common.fail(str(e), status=common.PREEMPTED)
+
+
 def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str, *,
-              dry_run: bool = False, task_index: int = 0,
-              num_tasks: int = 1) -> list[tuple[str, dict, dict]]:
+              dry_run: bool = False, task_index: int = 0, num_tasks: int = 1,
+              runs_per_program: int = 1) -> list[tuple[str, dict, dict]]:
   """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one; with
   `num_tasks` > 1, only task `task_index`'s share (`shard`).
 
@@ -140,6 +170,8 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   finished = []
   runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
   progress = common.Progress(len(runs))
+  if runs_per_program > 1 and not dry_run:
+    return _run_grouped(runs, root, runs_per_program, progress)
   for name, run, config in runs:
     workdir = epath.Path(root) / name
     if dry_run:
@@ -157,6 +189,35 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
           f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
           flush=True)
     finished.append((name, run, results))
+  return finished
+
+
+def _run_grouped(runs, root: str, runs_per_program: int, progress) -> list:
+  """`run_sweep` with runs differing only in seed trained as groups (`program_groups`)."""
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  finished, todo = [], []
+  for name, run, config in runs:
+    workdir = epath.Path(root) / name
+    results_path = workdir / train.RESULTS_FILE
+    if results_path.exists() and (workdir / train.CONFIG_FILE).exists():
+      print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
+      finished.append((name, run, json.loads(results_path.read_text())))
+    else:
+      todo.append((name, run, config))
+  for group in program_groups([config for _, _, config in todo], runs_per_program):
+    members = [todo[i] for i in group]
+    names = [name for name, _, _ in members]
+    print(f"{', '.join(names)}: running as one program ...", flush=True)
+    workdirs = [str(epath.Path(root) / name) for name in names]
+    if len(members) == 1:
+      all_results = [common.run_or_exit(members[0][2], workdirs[0])]
+    else:
+      all_results = _group_or_exit([config for _, _, config in members], workdirs)
+    for (name, run, _), results in zip(members, all_results):
+      print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
+            f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
+            flush=True)
+      finished.append((name, run, results))
   return finished
 
 
@@ -219,6 +280,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = config_flag_parts()
   check_sharding(_TASK_INDEX.value, _NUM_TASKS.value)
+  if _RUNS_PER_PROGRAM.value < 1:
+    common.fail(f"runs_per_program={_RUNS_PER_PROGRAM.value} is invalid; accepted: a positive "
+                "integer")
   failed = []
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
@@ -228,7 +292,7 @@ def main(argv):
   else:
     finished = run_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
                          dry_run=_DRY_RUN.value, task_index=_TASK_INDEX.value,
-                         num_tasks=_NUM_TASKS.value)
+                         num_tasks=_NUM_TASKS.value, runs_per_program=_RUNS_PER_PROGRAM.value)
   if finished:
     print(summary_table([(name, results) for name, _, results in finished]))
   if failed:

@@ -267,6 +267,24 @@ class Data:
     """Global training batches per epoch: max(1, ceil(subset size / batch_size))."""
     return max(1, math.ceil(len(self._subset) / self._config.batch_size))
 
+  def train_subset(self) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, labels): the training subset as indices into `train_split`, int64 (n,), in
+    the order the stream shuffles them, and the label trained on of each (after
+    `label_noise`), int32 (n,). What a group of runs puts on device (`reinit.group_train`)."""
+    indices = np.asarray(self._subset, np.int64)
+    return indices, np.asarray(self._noisy_labels, np.int32)[indices]
+
+  def train_images(self, indices: np.ndarray) -> np.ndarray:
+    """The raw images of `indices` (sorted, unique) of `train_split`, uint8 (n, H, W, C) in
+    0..255 after resizing, unaugmented and unnormalized."""
+    split_size = len(self._noisy_labels)
+    ds = preprocess.read_examples(self._builder, self._config.train_split,
+                                  keep=preprocess.shard_mask(split_size, indices),
+                                  size=self._size)
+    images = [ex["image"] for ex in ds.as_numpy_iterator()]
+    return np.stack(images).astype(np.uint8) if images else np.zeros(
+        (0, *self._info.image_shape), np.uint8)
+
   def train(self) -> tf.data.Dataset:
     """A fresh, never-ending dataset of this process's training batches.
 

@@ -1,0 +1,423 @@
+"""The grouped trainer: `train_group(config, seeds, workdirs)` trains R runs of one config that
+differ only in `seed` as one program (issue 14).
+
+What the runs share: the model, optimizer, plan, schedule, the compiled window loop, the stage
+switch and the eval step, the test split (on device, evaluated by every run at once), and the
+union of their training images (on device, uint8). What each run keeps: its own initial state
+(`reinit.runtime.initial_state` from `run_keys(seed)`, bit for bit the state the run alone starts
+from), its subset (`members`, indices into the shared images), its data stream (`groups`: a pure
+function of its data key and global step), its fresh draws at every switch
+(`fold_in(keys.fresh, k)`), its calibration batches, its train-eval subset and its
+`results.json`, written in its own workdir in the single-run format.
+
+The states are stacked on a leading run axis (`groups.stack`) and checkpointed together, with
+the loop's progress, in the group directory (orbax); started again with the same arguments the
+group resumes from its newest checkpoint and ends as an unbroken group would, bit for bit (a
+batch is a function of the data key and the state's step, so nothing else needs restoring).
+
+Not (yet) the single run's numbers: the group reads its batches from the device
+(`groups.run_batch` semantics), not from the tf.data stream, so run i of a group equals a group
+of one of its seed, not `train.train_and_evaluate` of it. One device only for now.
+
+Keys of run `seed` beyond `run_keys(seed)`: data stream `fold_in(key(seed), DATA_STREAM)`,
+calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
+"""
+
+import copy
+import dataclasses
+import os
+import time
+import types
+from typing import Any, Sequence
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reinit import evaluation
+from reinit import groups
+from reinit import models
+from reinit import preemption
+from reinit import train
+from reinit import transforms
+from reinit import tree as tree_lib
+from reinit import validation
+from reinit import workdir as workdir_lib
+from reinit.runtime import build_runtime
+from reinit.runtime import flops
+from reinit.runtime import initial_state
+from reinit.runtime import rarely_run_jit
+from reinit.runtime import run_keys
+from reinit.steps import make_train_step
+from reinit.steps import stage_learning_rates
+from reinit.steps import TrainState
+
+PyTree = Any
+DATA_STREAM = 3  # run_keys splits key(seed) in 3; fold_in(key(seed), 3) is independent of them
+CALIBRATION_STREAM = 4
+GROUP_DIR_SUFFIX = ".group"
+
+
+@flax.struct.dataclass
+class GroupState:
+  """What a group checkpoints: `runs`, the runs' TrainStates stacked (R, ...), and `step`,
+  the global step (int32 scalar, the same for every run), which `workdir.restore_latest`
+  checks against the checkpoint's step."""
+  step: jax.Array
+  runs: TrainState
+
+
+@dataclasses.dataclass
+class GroupProgress:
+  """The group loop's position (as `train.Progress`), `stage_results` one list per run."""
+  stage: int = 0
+  step_in_stage: int = 0
+  global_step: int = 0
+  calibrations: int = 0
+  stage_results: list = dataclasses.field(default_factory=list)
+  resumed_from: list = dataclasses.field(default_factory=list)
+  train_s: float = 0.0
+  eval_s: float = 0.0
+
+
+# ---------------------------------------------------------------- data
+
+
+def seed_config(config, seed: int):
+  """`config` with `seed` replaced (everything else, subset_seed included, as it is)."""
+  run = copy.deepcopy(config)
+  run.seed = int(seed)
+  return run
+
+
+def union_of_subsets(subsets: Sequence[tuple[np.ndarray, np.ndarray]]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The union of the runs' (index, label) training examples and each run's members.
+
+  Args:
+    subsets: per run, (indices into the split, int (n,); labels trained on, int (n,)).
+
+  Returns:
+    (indices, labels, members): the distinct (index, label) pairs sorted, int64 (N,) and int32
+    (N,) (an image appears twice where label noise gave it two labels in two runs), and
+    members int32 (R, n), each run's examples in its own order as positions in the union.
+  """
+  pairs = np.concatenate([np.stack([np.asarray(i, np.int64), np.asarray(l, np.int64)], 1)
+                          for i, l in subsets])
+  union, inverse = np.unique(pairs, axis=0, return_inverse=True)
+  sizes = {len(i) for i, _ in subsets}
+  if len(sizes) != 1:
+    raise ValueError(f"the runs' training subsets differ in size ({sorted(sizes)})")
+  members = inverse.reshape(len(subsets), sizes.pop()).astype(np.int32)
+  return union[:, 0], union[:, 1].astype(np.int32), members
+
+
+def _augmentation(config, image_shape) -> dict:
+  """The group loop's augmentation of `config.augment` (`reinit.data.preprocess`'s semantics)."""
+  from reinit.data import preprocess  # pylint: disable=g-import-not-at-top
+  pad = preprocess.crop_padding(*image_shape[:2]) if config.augment != "none" else 0
+  return dict(pad=pad, flip=config.augment == "crop_flip", pad_mode="reflect")
+
+
+def _stacked_batches(datasets) -> list[dict]:
+  """Per-run tf.data eval datasets of equal length -> list of batches stacked (R, B, ...)."""
+  per_run = [list(ds.as_numpy_iterator()) for ds in datasets]
+  if len({len(b) for b in per_run}) != 1:
+    raise ValueError("the runs' train-eval sets differ in their number of batches")
+  return [jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches))
+          for batches in zip(*per_run)]
+
+
+# ---------------------------------------------------------------- the group's functions
+
+
+def _windows(steps: int, every: int, start: int = 0) -> list[tuple[int, int]]:
+  """(first step, length) of the logging windows of a stage of `steps` from `start`: they end
+  at multiples of `every` and at the stage end, whatever `start` is (so resumes cut the same)."""
+  out, i = [], start
+  while i < steps:
+    end = min(steps, (i // every + 1) * every)
+    out.append((i, end - i))
+    i = end
+  return out
+
+
+def _train_window(loop, states, images, labels, keys, learning_rates, members):
+  """One compiled call: every run trains for the window's steps. (states, metrics (R, S))."""
+  return loop(states, images, labels, keys, learning_rates, members)
+
+
+def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
+  """`evaluation.evaluate` of each run: metrics merged over batches, per-run totals read."""
+  totals = None
+  for batch in batches:
+    metrics = eval_step(variables, batch)
+    totals = metrics if totals is None else totals.merge(metrics)
+  totals = jax.device_get(totals)
+  out = []
+  for i in range(num_runs):
+    run = jax.tree.map(lambda x, i=i: np.asarray(x)[i], totals)
+    result = {"accuracy": evaluation._mean(run.accuracy),  # pylint: disable=protected-access
+              "loss": evaluation._mean(run.loss),  # pylint: disable=protected-access
+              "examples": int(run.accuracy.count)}
+    if isinstance(run, evaluation.NoisyEvalMetrics) and int(run.memorized.count):
+      result |= {"memorized": evaluation._mean(run.memorized),  # pylint: disable=protected-access
+                 "clean_accuracy": evaluation._mean(run.clean_accuracy)}  # pylint: disable=protected-access
+    out.append(result)
+  return out
+
+
+def _switch_functions(model, tx, plan, image_shape, reset_optimizer: str):
+  """The stage switch of all runs at once: `(k, states, fresh_keys, method_keys) -> states`
+  before calibration, and `calibrate(unit)`: `(variables, images) -> variables`. k is traced
+  (broadcast to the runs): one compile serves every stage."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def one(k, state, fresh_key, method_key):
+    fresh = model.init(jax.random.fold_in(fresh_key, k), dummy, train=False)
+    switched = plan.switch(k, state.variables, fresh, state.memory,
+                           jax.random.fold_in(method_key, k))
+    return switched
+
+  switch = rarely_run_jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
+  opt_init = rarely_run_jit(jax.vmap(tx.init))
+  reset = rarely_run_jit(jax.vmap(transforms.reset_opt_state))
+
+  def start(k, states, fresh_keys, method_keys, calibrate=None):
+    switched = switch(jnp.int32(k), states, fresh_keys, method_keys)
+    variables = switched.variables if calibrate is None else calibrate(switched.variables)
+    if reset_optimizer == "fresh":
+      opt_state = opt_init(variables["params"])
+    else:
+      opt_state = reset(states.opt_state, switched.touched)
+    return TrainState(states.step, variables, opt_state, switched.memory)
+
+  calibrate = None if plan.calibration is None else jax.jit(jax.vmap(
+      lambda variables, images, unit: plan.calibration.apply(model.apply, variables, images,
+                                                             unit),
+      in_axes=(0, 0, None)), static_argnums=2)
+  return start, calibrate
+
+
+# ---------------------------------------------------------------- the group
+
+
+def _stop_preempted(manager, group_dir: str, step: int):
+  """Waits for the checkpoint of `step`, then raises `train.Preempted`."""
+  manager.wait_until_finished()
+  logging.warning("preempted: group checkpoint of step %d written; stopping", step)
+  raise train.Preempted(f"preempted at step {step}: the group's checkpoint is in {group_dir}; "
+                        "run the same command again to resume", step)
+
+
+def group_dir_of(workdirs: Sequence[str]) -> str:
+  """The default group directory: next to the first run's workdir."""
+  return os.path.normpath(workdirs[0]) + GROUP_DIR_SUFFIX
+
+
+def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
+                group_dir: str | None = None, over_runs: str = "vmap") -> list[dict]:
+  """Trains the runs of `config` with each of `seeds` as one program; writes each run's
+  `results.json` (single-run format) in its workdir; returns the runs' results.
+
+  Args:
+    config: a `configs/benchmark.py` config (its `seed` is replaced by each of `seeds`).
+    seeds: R distinct seeds.
+    workdirs: R run directories, one per seed (claimed as single runs claim theirs).
+    group_dir: the group's checkpoints; default `group_dir_of(workdirs)`.
+    over_runs: 'vmap' or 'map' (`groups.group_train_loop`: on CPU with conv='xla', vmapped
+      convolutions become grouped ones, several times slower than the runs one by one).
+
+  Raises:
+    ConfigError: as `train.train_and_evaluate`, or seeds/workdirs that do not pair up.
+    train.TrainingDiverged: a run's training loss became non-finite (names the run).
+  """
+  from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  start_time = time.perf_counter()
+  seeds, workdirs = [int(s) for s in seeds], list(workdirs)
+  if not seeds or len(seeds) != len(workdirs) or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"seeds={seeds} and workdirs ({len(workdirs)}) must pair up one to one, "
+                      "with distinct seeds")
+  num_runs = len(seeds)
+  configs = [seed_config(config, s) for s in seeds]
+  for c in configs:
+    validation.validate(c)
+  if validation.num_devices(config) != 1:
+    raise ConfigError(f"num_devices={config.get('num_devices', -1)!r} is not supported by a "
+                      "group of runs yet; accepted: 1")
+  datas = [train._load_data(c) for c in configs]  # pylint: disable=protected-access
+  info = datas[0].info
+  keys = [run_keys(s) for s in seeds]
+  units = tree_lib.layer_order(models.from_config(config, info.num_classes), keys[0].init,
+                               jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
+  plan = train._plan(config, units)  # pylint: disable=protected-access
+  for c, w in zip(configs, workdirs):
+    workdir_lib.claim(c, w)
+  done = [workdir_lib.path(w, train.RESULTS_FILE) for w in workdirs]
+  if all(p.exists() for p in done):
+    return [workdir_lib.read_json(p) for p in done]
+
+  # The union of the training images, on device once, and each run's members.
+  indices, labels, members = union_of_subsets([d.train_subset() for d in datas])
+  distinct = np.unique(indices)
+  images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
+  images, labels, members = (jax.device_put(x) for x in (images, labels, members))
+  test_batches = [jax.device_put(b) for b in datas[0].eval(config.test_split).as_numpy_iterator()]
+  train_batches = _stacked_batches([d.train_eval() for d in datas])
+
+  runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
+  model, tx = runtime.model, runtime.tx
+  states = groups.stack([initial_state(runtime, k) for k in keys])
+  data_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds])
+  calibration_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM)
+                                for s in seeds])
+  fresh_keys = jnp.stack([k.fresh for k in keys])
+  method_keys = jnp.stack([k.method for k in keys])
+  augmentation = _augmentation(config, info.image_shape)
+  learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
+
+  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it).
+  step = make_train_step(model, tx, num_classes=info.num_classes,
+                         label_smoothing=config.label_smoothing)
+  lengths = sorted({n for lrs in learning_rates
+                    for _, n in _windows(len(lrs), config.log_every_steps)})
+  compile_start = time.perf_counter()
+  loops = {n: jax.jit(groups.group_train_loop(step, steps=n, batch_size=config.batch_size,
+                                              over_runs=over_runs, **augmentation),
+                  donate_argnums=0).lower(
+      states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
+      members).compile() for n in lengths}
+  compile_s = time.perf_counter() - compile_start
+  n0 = lengths[0]
+  train_step_flops = flops(loops[n0]) / (num_runs * n0)  # one run's step
+  eval_test = jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=info.num_classes),
+                               in_axes=(0, None)))
+  eval_train = jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=info.num_classes),
+                                in_axes=(0, 0)))
+  switch, calibrate = _switch_functions(model, tx, plan, info.image_shape,
+                                        config.reset_optimizer)
+  # Each run's calibration batches: its own stream (calibration key), the next `batches`.
+  calibration_batches = jax.jit(jax.vmap(jax.vmap(
+      lambda key, members, t, images, labels: groups.run_batch(
+          key, images, labels, members, t, batch_size=config.batch_size,
+          **augmentation)["image"],
+      in_axes=(None, None, 0, None, None)), in_axes=(0, 0, None, None, None)))
+
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
+             for w in workdirs]
+  group_dir = group_dir or group_dir_of(workdirs)
+  manager = workdir_lib.checkpoint_manager(group_dir)
+  # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
+  notice = preemption.Notice()
+  try:
+    restored = workdir_lib.restore_latest(
+        manager, workdir_lib.abstract(GroupState(jnp.zeros((), jnp.int32), states)))
+    if restored is None:
+      progress = GroupProgress(stage_results=[[] for _ in seeds])
+      for c, writer in zip(configs, writers):
+        writer.write_hparams({k: v for k, v in workdir_lib.flat_config(c.to_dict()).items()
+                              if isinstance(v, (int, float, str, bool))})
+      for w, variables in zip(workdirs, groups.unstack(states.variables, num_runs)):
+        workdir_lib.save_variables(w, "init", variables)
+    else:
+      group_state, saved = restored
+      states, progress = group_state.runs, GroupProgress(**saved)
+      progress.resumed_from = progress.resumed_from + [progress.global_step]
+      logging.info("group resumed from step %d (stage %d)", progress.global_step,
+                   progress.stage)
+
+    def save():
+      workdir_lib.save_checkpoint(manager, GroupState(jnp.int32(progress.global_step), states),
+                                  dataclasses.asdict(progress))
+
+    every = config.checkpoint_every_steps
+    for k in range(progress.stage, plan.num_stages):
+      if progress.step_in_stage == 0 and k > 0:
+        unit = plan.calibrated_unit(k)
+        calibrate_k = None
+        if unit is not None:
+          count = plan.calibration.batches
+          first = progress.calibrations * count
+          cal_images = calibration_batches(calibration_keys, members,
+                                           jnp.arange(first, first + count, dtype=jnp.int32),
+                                           images, labels)
+          calibrate_k = lambda variables, cal_images=cal_images, unit=unit: calibrate(
+              variables, cal_images, unit)
+          progress.calibrations += 1
+        states = switch(k, states, fresh_keys, method_keys, calibrate_k)
+      lrs = learning_rates[k]
+      train_start = time.perf_counter()
+      for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage):
+        states, metrics = _train_window(loops[length], states, images, labels, data_keys,
+                                        jnp.asarray(lrs[first:first + length]), members)
+        losses = np.asarray(metrics["loss"]).mean(axis=1)
+        bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(losses))]
+        if bad:
+          raise train.TrainingDiverged(
+              f"non-finite training loss at stage {k} for seeds {bad} (global step "
+              f"{progress.global_step + length})")
+        means = {name: np.asarray(v, np.float64).mean(axis=1) for name, v in metrics.items()}
+        before = progress.global_step
+        progress.step_in_stage, progress.global_step = first + length, before + length
+        for i, writer in enumerate(writers):
+          writer.write_scalars(progress.global_step,
+                               {f"train/{n}": float(v[i]) for n, v in means.items()}
+                               | {"train/learning_rate": float(lrs[first + length - 1]),
+                                  "stage": k})
+        last = first + length == len(lrs)
+        at_checkpoint = every > 0 and before // every != progress.global_step // every
+        preempted = notice.reached(progress.global_step)
+        if (at_checkpoint or preempted) and not last:
+          save()
+        if preempted and not last:
+          _stop_preempted(manager, group_dir, progress.global_step)
+      progress.train_s += time.perf_counter() - train_start
+      eval_start = time.perf_counter()
+      tests = _eval_group(eval_test, states.variables, test_batches, num_runs)
+      trains = _eval_group(eval_train, states.variables, train_batches, num_runs)
+      progress.eval_s += time.perf_counter() - eval_start
+      for i, (test, tr) in enumerate(zip(tests, trains)):
+        progress.stage_results[i].append({
+            "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
+            "learning_rate": plan.learning_rates[k],
+            "train_accuracy": tr["accuracy"], "train_loss": tr["loss"],
+            "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "test_examples": test["examples"],
+            **{f"train_{name}": tr[name] for name in ("memorized", "clean_accuracy")
+               if name in tr}})
+      logging.info("group stage %d/%d: mean test accuracy %.4f", k + 1, plan.num_stages,
+                   np.mean([t["accuracy"] for t in tests]))
+      for i, writer in enumerate(writers):
+        writer.write_scalars(progress.global_step, {
+            "test/accuracy": tests[i]["accuracy"], "test/loss": tests[i]["loss"],
+            "train_eval/accuracy": trains[i]["accuracy"], "train_eval/loss": trains[i]["loss"]})
+      progress.stage, progress.step_in_stage = k + 1, 0
+      save()
+      if k + 1 < plan.num_stages and notice.signal is not None:
+        _stop_preempted(manager, group_dir, progress.global_step)
+  finally:
+    # Also on errors and interrupts: an in-flight asynchronous save is completed.
+    manager.wait_until_finished()
+    notice.restore()
+  for writer in writers:
+    writer.flush()
+
+  wall_s = time.perf_counter() - start_time
+  steps = types.SimpleNamespace(train_step_flops=train_step_flops, compile_s=compile_s)
+  results = []
+  for i, (c, w) in enumerate(zip(configs, workdirs)):
+    # The group's times shared equally by its runs (each run's share of the program).
+    share = train.Progress(stage_results=progress.stage_results[i],
+                           resumed_from=progress.resumed_from,
+                           train_s=progress.train_s / num_runs, eval_s=progress.eval_s / num_runs)
+    run = types.SimpleNamespace(config=c, plan=plan, learning_rates=learning_rates, steps=steps)
+    result = train._results(run, datas[i].info, units, share, wall_s / num_runs)  # pylint: disable=protected-access
+    result["time_s"]["compile"] = compile_s / num_runs
+    workdir_lib.save_variables(w, "final", jax.tree.map(lambda x, i=i: x[i], states.variables))
+    if jax.process_index() == 0:
+      workdir_lib.write_json_atomically(workdir_lib.path(w, train.RESULTS_FILE), result)
+    results.append(result)
+  return results

@@ -1,0 +1,296 @@
+"""The grouped trainer (reinit.group_train): run i of a group is the run of its seed in a group
+of one, from bit-identical initial variables to (rtol 1e-5) final ones; a resumed group equals
+an unbroken one; every run writes the single run's results.json.
+
+Tiny LW on digits (simple_cnn width 0.125, 2 stages, a few steps), on CPU.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from reinit import group_train
+from reinit import train
+from reinit import workdir as workdir_lib
+
+SEEDS = (0, 1, 2)
+
+
+def _config(data_dir, **overrides):
+  config = digits_config.get_config("method=lw")
+  config.data_dir = data_dir
+  config.width = 0.125
+  config.train_examples = 40
+  config.batch_size = 16
+  config.eval_batch_size = 100
+  config.epochs_per_stage = 1
+  config.num_stages = 2
+  config.log_every_steps = 2
+  config.num_devices = 1  # the grouped trainer runs on one device for now
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _group(config, root, name, seeds):
+  workdirs = [os.path.join(root, name, f"seed{s}") for s in seeds]
+  return workdirs, group_train.train_group(config, seeds, workdirs)
+
+
+@pytest.fixture(scope="module")
+def groups_run(data_dir, tmp_path_factory):
+  """The group of SEEDS and, for the middle seed, a group of one."""
+  root = str(tmp_path_factory.mktemp("groups"))
+  config = _config(data_dir)
+  return root, _group(config, root, "all", SEEDS), _group(config, root, "one", SEEDS[1:2])
+
+
+def _variables(workdir, name):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(
+      os.path.join(workdir_lib.absolute(workdir), "variables", name))
+
+
+def test_run_of_group_equals_group_of_one(groups_run):
+  _, (all_dirs, _), (one_dirs, _) = groups_run
+  # The same initial variables, bit for bit, and the same as the seed's single run starts from.
+  init_all, init_one = _variables(all_dirs[1], "init"), _variables(one_dirs[0], "init")
+  jax.tree.map(np.testing.assert_array_equal, init_all, init_one)
+  other = _variables(all_dirs[0], "init")
+  # Another seed starts elsewhere (kernels differ; biases are zeros in every run).
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, other, init_all)))
+  final_all, final_one = _variables(all_dirs[1], "final"), _variables(one_dirs[0], "final")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               final_all, final_one)
+  # It trained: the final params are not the initial ones.
+  assert not all(jax.tree.leaves(jax.tree.map(np.allclose, final_one["params"],
+                                              init_one["params"])))
+
+
+def test_results_have_single_run_format(groups_run, data_dir, tmp_path_factory):
+  _, (all_dirs, results), (_, one_results) = groups_run
+  single = train.train_and_evaluate(_config(data_dir, seed=SEEDS[1]),
+                                    str(tmp_path_factory.mktemp("single")))
+  for workdir, result, seed in zip(all_dirs, results, SEEDS):
+    with open(os.path.join(workdir, "results.json")) as f:
+      written = json.load(f)
+    assert written == json.loads(json.dumps(result))
+    assert set(written) == set(single)
+    assert set(written["compute"]) == set(single["compute"])
+    assert [set(s) for s in written["stages"]] == [set(s) for s in single["stages"]]
+    assert written["seed"] == seed and written["test_examples"] == single["test_examples"]
+    assert written["compute"]["train_steps"] == single["compute"]["train_steps"]
+    assert written["compute"]["examples_seen"] == single["compute"]["examples_seen"]
+  np.testing.assert_allclose(results[1]["test_accuracy"], one_results[0]["test_accuracy"],
+                             atol=1e-6)
+
+
+class Killed(Exception):
+  """Stands for a kill: raised in place of a window of training."""
+
+
+def _kill_after(monkeypatch, windows: int):
+  """Makes the group stop (as if killed) when it starts window number `windows + 1`."""
+  real, calls = group_train._train_window, [0]  # pylint: disable=protected-access
+
+  def counting(*args):
+    calls[0] += 1
+    if calls[0] > windows:
+      raise Killed()
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", counting)
+
+
+@pytest.fixture(scope="module")
+def unbroken(data_dir, tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("unbroken"))
+  # 3 steps per epoch, 6 per stage; windows of 2 steps; checkpoints at steps 4, 6, 10 and 12.
+  config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
+  return config, _group(config, root, "g", SEEDS[:2])
+
+
+def _comparable(result):
+  return {k: v for k, v in result.items()
+          if k not in ("time_s", "wall_time_s", "resumed_from", "provenance")}
+
+
+# Killed in stage 0 after the checkpoint of step 4; right after the stage-0 end (step 6: the
+# switch and calibration run again); in stage 1 after the checkpoint of step 10.
+@pytest.mark.parametrize("windows,resumed_at", [(2, 4), (3, 6), (5, 10)])
+def test_resumed_group_equals_unbroken(unbroken, tmp_path, monkeypatch, windows, resumed_at):
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  _kill_after(monkeypatch, windows)
+  with pytest.raises(Killed):
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  monkeypatch.undo()
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
+                                                     unbroken_results):
+    assert result["resumed_from"] == [resumed_at]
+    assert _comparable(result) == _comparable(expected)
+    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
+                 _variables(expected_dir, "final"))
+
+
+_KILLED_GROUP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from reinit import group_train
+from tests import test_group_train as t
+real, calls = group_train._train_window, [0]
+def killing(*args):
+  calls[0] += 1
+  if calls[0] > {windows}:
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: an in-flight save is cut
+  return real(*args)
+group_train._train_window = killing
+config = t._config({data_dir!r}, epochs_per_stage=2, checkpoint_every_steps=3)
+t._group(config, {workdir!r}, "g", t.SEEDS[:2])
+"""
+
+
+def test_group_killed_by_sigkill_resumes_exactly(unbroken, data_dir, tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _KILLED_GROUP.format(root=root, windows=5, data_dir=data_dir, workdir=str(tmp_path))
+  killed = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, check=False, env={**os.environ, "PYTHONPATH": root})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
+                                                     unbroken_results):
+    # Killed right after the save of step 10 was issued: orbax writes it in the background,
+    # so the kill may cut it; the group then resumes from the stage end before (step 6).
+    assert result["resumed_from"] in ([10], [6])
+    assert _comparable(result) == _comparable(expected)
+    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
+                 _variables(expected_dir, "final"))
+
+
+def test_union_of_subsets_keeps_each_runs_examples_in_order():
+  # Run 0 trains on examples 5, 2, 7 of the split; run 1 on 2, 9, 5, where label noise gave
+  # example 5 another label (3 instead of 1): the union holds (5, 1) and (5, 3) both.
+  indices, labels, members = group_train.union_of_subsets([
+      (np.array([5, 2, 7]), np.array([1, 0, 4])),
+      (np.array([2, 9, 5]), np.array([0, 8, 3]))])
+  np.testing.assert_array_equal(indices, [2, 5, 5, 7, 9])
+  np.testing.assert_array_equal(labels, [0, 1, 3, 4, 8])
+  np.testing.assert_array_equal(indices[members], [[5, 2, 7], [2, 9, 5]])
+  np.testing.assert_array_equal(labels[members], [[1, 0, 4], [0, 8, 3]])
+  with pytest.raises(ValueError, match="differ in size"):
+    group_train.union_of_subsets([(np.array([1]), np.array([0])),
+                                  (np.array([1, 2]), np.array([0, 0]))])
+
+
+def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  config, (unbroken_dirs, unbroken_results) = unbroken
+  real, calls = group_train._train_window, [0]  # pylint: disable=protected-access
+
+  def signalling(*args):
+    calls[0] += 1
+    if calls[0] == 4:  # during stage 1's first window (steps 6..8)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", signalling)
+  with pytest.raises(train.Preempted) as stopped:
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  assert stopped.value.step == 8  # that window's end, not a regular checkpoint step
+  monkeypatch.undo()
+  _, results = _group(config, str(tmp_path), "g", SEEDS[:2])
+  for result, expected in zip(results, unbroken_results):
+    assert result["resumed_from"] == [8]
+    assert _comparable(result) == _comparable(expected)
+
+
+def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
+  # Three stages, calibration off (it compiles once per calibrated unit, as a single run's
+  # does): from the last window of stage 1 to the last of stage 2 (stage 1's evaluation and
+  # checkpoint, stage 2's switch, optimizer reset and training) nothing is compiled.
+  config = _config(data_dir, num_stages=3)
+  config.lw.normalize = False
+  compiles, at_window = [0], []
+  def count(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles[0] += 1
+  jax.monitoring.register_event_duration_secs_listener(count)
+  real = group_train._train_window  # pylint: disable=protected-access
+
+  def recording(*args):
+    at_window.append(compiles[0])
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", recording)
+  try:
+    _group(config, str(tmp_path), "g", SEEDS[:2])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  windows_per_stage = len(at_window) // 3  # 3 steps a stage, windows of 2: 2 a stage
+  assert windows_per_stage == 2 and len(at_window) == 6
+  assert at_window[-1] == at_window[2 * windows_per_stage - 1]
+  assert at_window[0] > 0  # the listener does count (stage 0 compiled the step functions)
+
+
+# ------------------------------------------------------------------ launch.sweep --runs_per_program
+
+
+def test_program_groups_join_runs_differing_only_in_seed():
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  def config(method, seed, width=0.125):
+    return ml_collections.ConfigDict({"method": method, "seed": seed, "lw": {"width": width}})
+  configs = [config("lw", 0), config("baseline", 0), config("lw", 1), config("lw", 2),
+             config("lw", 3, width=0.25), config("lw", 4)]
+  assert sweep.program_groups(configs, 2) == [[0, 2], [3, 5], [1], [4]]
+  assert sweep.program_groups(configs, 8) == [[0, 2, 3, 5], [1], [4]]
+  assert sweep.program_groups(configs, 1) == [[i] for i in [0, 2, 3, 5, 1, 4]]
+
+
+_SWEEP_CONFIG = """
+from configs import digits
+get_config = digits.get_config
+def get_sweep(arg):
+  return [dict(method="lw", seed=0), dict(method="baseline", seed=0), dict(method="lw", seed=1)]
+"""
+
+
+def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  config_path = tmp_path / "tiny_sweep.py"
+  config_path.write_text(_SWEEP_CONFIG)
+  overrides = {"data_dir": data_dir, "width": 0.125, "train_examples": 40, "batch_size": 16,
+               "eval_batch_size": 100, "epochs_per_stage": 1, "num_stages": 2,
+               "num_devices": 1}
+  root = tmp_path / "runs"
+  finished = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  names = sorted(name for name, _, _ in finished)
+  assert len(names) == 3
+  for name in names:
+    assert (root / name / "results.json").exists()
+  # The two LW seeds trained as one group (its checkpoints next to the first's workdir); the
+  # baseline alone (its own checkpoints in its workdir).
+  lw_dirs = sorted(p.name for p in root.iterdir() if p.name.endswith(".group"))
+  assert len(lw_dirs) == 1 and "lw" in lw_dirs[0]
+  # Started again, every run is finished: nothing trains.
+  again = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  assert sorted(name for name, _, _ in again) == names
+
+
+def test_runs_one_after_another_equal_vmapped_runs(groups_run, data_dir):
+  root, (all_dirs, _), _ = groups_run
+  workdirs = [os.path.join(root, "map", f"seed{s}") for s in SEEDS]
+  group_train.train_group(_config(data_dir), SEEDS, workdirs, over_runs="map")
+  for mapped, vmapped in zip(workdirs, all_dirs):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 _variables(mapped, "final"), _variables(vmapped, "final"))
