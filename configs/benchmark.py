@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Model.
   config.width = 1.0  # channel multiplier
   config.compute_dtype = "float32"  # params stay float32
-  config.conv = "xla"  # xla, or im2col: patches x kernel (faster for vmapped groups of runs)
+  config.conv = "auto"  # auto (xla for one run, im2col for a group of runs), xla, or im2col
 
   # Optimization: SGD with Nesterov momentum, per-stage warmup + cosine schedule.
   config.seed = 0

@@ -71,8 +71,9 @@ _PIPELINE_BATCHES = flags.DEFINE_integer(
     "pipeline_batches", 200, "Training batches of --dataset's pipeline timed alone.",
     lower_bound=1)
 _METHOD = flags.DEFINE_enum("method", "lw", methods.METHODS, "Method whose switch is timed.")
-_CONV = flags.DEFINE_enum("conv", "xla", list(models.CONVOLUTIONS),
-                          "Convolution: XLA's, or image patches times the kernel.")
+_CONV = flags.DEFINE_enum("conv", "auto", list(models.CONV_CHOICES),
+                          "Convolution: XLA's, image patches times the kernel (im2col), or "
+                          "auto (XLA's for one run, im2col for a group).")
 _WIDTH = flags.DEFINE_float("width", 1.0, "Channel multiplier of the model.", lower_bound=0)
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(models.COMPUTE_DTYPES),
                                    "Activation dtype (params stay float32).")
@@ -433,7 +434,7 @@ def group_benchmark() -> dict:
   config = make_config(_METHOD.value)
   batch, num_classes = config.batch_size, _NUM_CLASSES.value
   image_shape = (config.image_size, config.image_size, 3)
-  model = train.create_model(config, num_classes)
+  model = train.create_model(config, num_classes, runs)
   units = tree_lib.layer_order(model, jax.random.key(0), jnp.zeros((1, *image_shape)),
                                train=False)
   plan = methods.make_plan(config, units)
@@ -485,7 +486,7 @@ def group_benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": config.image_size,
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "conv": _CONV.value, "augment": config.augment,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value, runs), "augment": config.augment,
       "dataset": None, "runs_per_program": runs, "over_runs": _OVER_RUNS.value,
       "devices": mesh.size, "backend": jax.default_backend(),
       "device_kind": device.device_kind, "cpu_threads": len(os.sched_getaffinity(0)),
@@ -547,7 +548,7 @@ def benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": image_shape[0],
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "conv": _CONV.value, "dataset": _DATASET.value,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value), "dataset": _DATASET.value,
       "devices": devices, "backend": jax.default_backend(), "device_kind": device.device_kind,
       "cpu_threads": len(os.sched_getaffinity(0)), "steps": steps, "repeats": repeats,
       "train_images_per_s": round(batch / step_s, 2),

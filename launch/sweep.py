@@ -54,8 +54,9 @@ _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the runs i with i 
                                    "== task_index (one host's share of a sweep).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
 _RUNS_PER_PROGRAM = flags.DEFINE_integer(
-    "runs_per_program", 1, "Local sweeps: train up to R runs that differ only in `seed` as "
-    "one program (reinit.group_train); 1: one run per program.")
+    "runs_per_program", 0, "Local sweeps: runs that differ only in `seed` train as one program "
+    "(reinit.group_train), at most R of them; 0 (default): all seeds of a combination; 1: one "
+    "run per program.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _ARG_KEYS = ("dataset", "model", "method")
@@ -131,17 +132,18 @@ def summary_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def program_groups(configs: list, runs_per_program: int) -> list[list[int]]:
+def program_groups(configs: list, runs_per_program: int = 0) -> list[list[int]]:
   """Indices of the runs trained together: runs whose configs differ only in `seed`, in the
-  order they first appear, cut into groups of at most `runs_per_program` (R >= 1)."""
+  order they first appear, cut into groups of at most `runs_per_program` (0: no cap)."""
   from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   by_combination: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
     key = json.dumps({k: v for k, v in workdir_lib.flat_config(config.to_dict()).items()
                       if k != "seed"}, sort_keys=True, default=str)
     by_combination.setdefault(key, []).append(i)
-  return [members[j:j + runs_per_program] for members in by_combination.values()
-          for j in range(0, len(members), runs_per_program)]
+  cap = runs_per_program or len(configs) or 1
+  return [members[j:j + cap] for members in by_combination.values()
+          for j in range(0, len(members), cap)]
 
 
 def _group_or_exit(configs: list, workdirs: list[str]) -> list[dict]:
@@ -160,7 +162,7 @@ def _group_or_exit(configs: list, workdirs: list[str]) -> list[dict]:
 
 def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str, *,
               dry_run: bool = False, task_index: int = 0, num_tasks: int = 1,
-              runs_per_program: int = 1) -> list[tuple[str, dict, dict]]:
+              runs_per_program: int = 0) -> list[tuple[str, dict, dict]]:
   """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one; with
   `num_tasks` > 1, only task `task_index`'s share (`shard`).
 
@@ -170,7 +172,7 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   finished = []
   runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
   progress = common.Progress(len(runs))
-  if runs_per_program > 1 and not dry_run:
+  if runs_per_program != 1 and not dry_run:
     return _run_grouped(runs, root, runs_per_program, progress)
   for name, run, config in runs:
     workdir = epath.Path(root) / name
@@ -280,9 +282,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = config_flag_parts()
   check_sharding(_TASK_INDEX.value, _NUM_TASKS.value)
-  if _RUNS_PER_PROGRAM.value < 1:
-    common.fail(f"runs_per_program={_RUNS_PER_PROGRAM.value} is invalid; accepted: a positive "
-                "integer")
+  if _RUNS_PER_PROGRAM.value < 0:
+    common.fail(f"runs_per_program={_RUNS_PER_PROGRAM.value} is invalid; accepted: 0 (all "
+                "seeds of a combination) or a positive integer")
   failed = []
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,

@@ -25,10 +25,11 @@ calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 import types
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from absl import logging
 import flax
@@ -50,6 +51,7 @@ from reinit.runtime import flops
 from reinit.runtime import initial_state
 from reinit.runtime import rarely_run_jit
 from reinit.runtime import run_keys
+from reinit.steps import make_optimizer
 from reinit.steps import make_train_step
 from reinit.steps import stage_learning_rates
 from reinit.steps import TrainState
@@ -58,6 +60,7 @@ PyTree = Any
 DATA_STREAM = 3  # run_keys splits key(seed) in 3; fold_in(key(seed), 3) is independent of them
 CALIBRATION_STREAM = 4
 GROUP_DIR_SUFFIX = ".group"
+CHECKPOINT_INTERVAL_S = 60
 
 
 @flax.struct.dataclass
@@ -169,36 +172,83 @@ def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
   return out
 
 
-def _switch_functions(model, tx, plan, image_shape, reset_optimizer: str):
-  """The stage switch of all runs at once: `(k, states, fresh_keys, method_keys) -> states`
-  before calibration, and `calibrate(unit)`: `(variables, images) -> variables`. k is traced
-  (broadcast to the runs): one compile serves every stage."""
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+class OptimizerFields(NamedTuple):
+  """The config fields `reinit.steps.make_optimizer` reads: part of the key under which the
+  group's compiled programs are shared by the groups of a process."""
+  weight_decay: float
+  momentum: float
+  nesterov: bool
 
-  def one(k, state, fresh_key, method_key):
+
+# The window loop and eval steps are jitted once per process for what they close over (the
+# linen module is hashable by its fields; the optimizer by its fields and the plan's wrapper):
+# the groups of a sweep (methods differ in their switches, rarely in these) then share their
+# traces and compiled programs, whatever the method. jax.jit keys the inputs' shapes itself.
+@functools.lru_cache(maxsize=16)
+def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
+                 label_smoothing: float, steps: int, batch_size: int, over_runs: str,
+                 augmentation: tuple):
+  """`groups.group_train_loop` of the trainer's step, jitted with the states donated."""
+  tx = wrapper(make_optimizer(optimizer))
+  step = make_train_step(model, tx, num_classes=num_classes, label_smoothing=label_smoothing)
+  return jax.jit(groups.group_train_loop(step, steps=steps, batch_size=batch_size,
+                                         over_runs=over_runs, **dict(augmentation)),
+                 donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _group_eval_step(model, num_classes: int, shared_batches: bool):
+  """The eval step of every run at once: batches shared by the runs (the test split) or
+  stacked per run (their training subsets)."""
+  return jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=num_classes),
+                          in_axes=(0, None if shared_batches else 0)))
+
+
+def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
+                 augmentation: dict):
+  """The start of a stage of every run, as one program: the plan's switch, the calibration of
+  the stage's unit (if any) on the run's next calibration batches, the optimizer policy.
+
+  Returns a jitted `(k, branch, states, fresh_keys, method_keys, calibration_keys, first,
+  members, images, labels) -> states`: k (the stage) and `branch` (0: no calibration; i: the
+  i-th of `calibrated_units(plan)`) are traced and shared by the runs, so one compile serves
+  every stage of every run (a single run compiles its calibration once per unit). `first` is
+  the position of the calibration batches in each run's calibration stream.
+  """
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  units = calibrated_units(plan)
+
+  def calibration_branch(unit):
+    return lambda variables, images: plan.calibration.apply(model.apply, variables, images, unit)
+
+  def one(k, branch, state, fresh_key, method_key, calibration_key, first, members, images,
+          labels):
     fresh = model.init(jax.random.fold_in(fresh_key, k), dummy, train=False)
     switched = plan.switch(k, state.variables, fresh, state.memory,
                            jax.random.fold_in(method_key, k))
-    return switched
-
-  switch = rarely_run_jit(jax.vmap(one, in_axes=(None, 0, 0, 0)))
-  opt_init = rarely_run_jit(jax.vmap(tx.init))
-  reset = rarely_run_jit(jax.vmap(transforms.reset_opt_state))
-
-  def start(k, states, fresh_keys, method_keys, calibrate=None):
-    switched = switch(jnp.int32(k), states, fresh_keys, method_keys)
-    variables = switched.variables if calibrate is None else calibrate(switched.variables)
+    variables = switched.variables
+    if units:
+      steps = first + jnp.arange(plan.calibration.batches, dtype=jnp.int32)
+      calibration_images = jax.vmap(lambda t: groups.run_batch(
+          calibration_key, images, labels, members, t, batch_size=batch_size,
+          **augmentation)["image"])(steps)
+      # The branches return one structure: the switched variables, a standardization set.
+      variables = jax.lax.switch(
+          branch, [lambda variables, _: variables] + [calibration_branch(u) for u in units],
+          flax.core.unfreeze(variables), calibration_images)
     if reset_optimizer == "fresh":
-      opt_state = opt_init(variables["params"])
+      opt_state = tx.init(variables["params"])
     else:
-      opt_state = reset(states.opt_state, switched.touched)
-    return TrainState(states.step, variables, opt_state, switched.memory)
+      opt_state = transforms.reset_opt_state(state.opt_state, switched.touched)
+    return TrainState(state.step, variables, opt_state, switched.memory)
 
-  calibrate = None if plan.calibration is None else jax.jit(jax.vmap(
-      lambda variables, images, unit: plan.calibration.apply(model.apply, variables, images,
-                                                             unit),
-      in_axes=(0, 0, None)), static_argnums=2)
-  return start, calibrate
+  return rarely_run_jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, None, 0, None, None)))
+
+
+def calibrated_units(plan) -> list[str]:
+  """The units the plan calibrates after some switch, in the order of the stages."""
+  units = [plan.calibrated_unit(k) for k in range(1, plan.num_stages)]
+  return list(dict.fromkeys(u for u in units if u is not None))
 
 
 # ---------------------------------------------------------------- the group
@@ -218,7 +268,8 @@ def group_dir_of(workdirs: Sequence[str]) -> str:
 
 
 def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
-                group_dir: str | None = None, over_runs: str = "vmap") -> list[dict]:
+                group_dir: str | None = None, over_runs: str = "vmap",
+                checkpoint_interval_s: int = CHECKPOINT_INTERVAL_S) -> list[dict]:
   """Trains the runs of `config` with each of `seeds` as one program; writes each run's
   `results.json` (single-run format) in its workdir; returns the runs' results.
 
@@ -229,6 +280,11 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     group_dir: the group's checkpoints; default `group_dir_of(workdirs)`.
     over_runs: 'vmap' or 'map' (`groups.group_train_loop`: on CPU with conv='xla', vmapped
       convolutions become grouped ones, several times slower than the runs one by one).
+    checkpoint_interval_s: stage ends checkpoint the group only when this many seconds passed
+      since the last checkpoint (and none is being written); 0: at every stage end, as a
+      single run does. Checkpoints at `checkpoint_every_steps` and on preemption are always
+      written. A group of small runs spends most of its time writing checkpoints otherwise
+      (digits: 7 stage ends in ~10 s); resume is exact from any checkpoint.
 
   Raises:
     ConfigError: as `train.train_and_evaluate`, or seeds/workdirs that do not pair up.
@@ -247,7 +303,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   if validation.num_devices(config) != 1:
     raise ConfigError(f"num_devices={config.get('num_devices', -1)!r} is not supported by a "
                       "group of runs yet; accepted: 1")
-  datas = [train._load_data(c) for c in configs]  # pylint: disable=protected-access
+  first_data = train._load_data(configs[0])  # pylint: disable=protected-access
+  datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
   keys = [run_keys(s) for s in seeds]
   units = tree_lib.layer_order(models.from_config(config, info.num_classes), keys[0].init,
@@ -267,7 +324,7 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   test_batches = [jax.device_put(b) for b in datas[0].eval(config.test_split).as_numpy_iterator()]
   train_batches = _stacked_batches([d.train_eval() for d in datas])
 
-  runtime = build_runtime(config, info.num_classes, info.image_shape, plan)
+  runtime = build_runtime(config, info.num_classes, info.image_shape, plan, runs=num_runs)
   model, tx = runtime.model, runtime.tx
   states = groups.stack([initial_state(runtime, k) for k in keys])
   data_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds])
@@ -279,37 +336,30 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
 
   # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it).
-  step = make_train_step(model, tx, num_classes=info.num_classes,
-                         label_smoothing=config.label_smoothing)
   lengths = sorted({n for lrs in learning_rates
                     for _, n in _windows(len(lrs), config.log_every_steps)})
   compile_start = time.perf_counter()
-  loops = {n: jax.jit(groups.group_train_loop(step, steps=n, batch_size=config.batch_size,
-                                              over_runs=over_runs, **augmentation),
-                  donate_argnums=0).lower(
+  optimizer = OptimizerFields(*(config[f] for f in OptimizerFields._fields))
+  loops = {n: _window_loop(model, optimizer, plan.optimizer, info.num_classes,
+                           config.label_smoothing, n, config.batch_size, over_runs,
+                           tuple(augmentation.items())).lower(
       states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
       members).compile() for n in lengths}
   compile_s = time.perf_counter() - compile_start
   n0 = lengths[0]
   train_step_flops = flops(loops[n0]) / (num_runs * n0)  # one run's step
-  eval_test = jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=info.num_classes),
-                               in_axes=(0, None)))
-  eval_train = jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=info.num_classes),
-                                in_axes=(0, 0)))
-  switch, calibrate = _switch_functions(model, tx, plan, info.image_shape,
-                                        config.reset_optimizer)
-  # Each run's calibration batches: its own stream (calibration key), the next `batches`.
-  calibration_batches = jax.jit(jax.vmap(jax.vmap(
-      lambda key, members, t, images, labels: groups.run_batch(
-          key, images, labels, members, t, batch_size=config.batch_size,
-          **augmentation)["image"],
-      in_axes=(None, None, 0, None, None)), in_axes=(0, 0, None, None, None)))
+  eval_test = _group_eval_step(model, info.num_classes, shared_batches=True)
+  eval_train = _group_eval_step(model, info.num_classes, shared_batches=False)
+  stage_start = _stage_start(model, tx, plan, info.image_shape,
+                             reset_optimizer=config.reset_optimizer,
+                             batch_size=config.batch_size, augmentation=augmentation)
+  units_calibrated = calibrated_units(plan)
 
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
              for w in workdirs]
   group_dir = group_dir or group_dir_of(workdirs)
-  manager = workdir_lib.checkpoint_manager(group_dir)
+  manager = workdir_lib.checkpoint_manager(group_dir, min_interval_s=checkpoint_interval_s or None)
   # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
   notice = preemption.Notice()
   try:
@@ -329,25 +379,19 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       logging.info("group resumed from step %d (stage %d)", progress.global_step,
                    progress.stage)
 
-    def save():
+    def save(force=True):
       workdir_lib.save_checkpoint(manager, GroupState(jnp.int32(progress.global_step), states),
-                                  dataclasses.asdict(progress))
+                                  dataclasses.asdict(progress), force=force)
 
     every = config.checkpoint_every_steps
     for k in range(progress.stage, plan.num_stages):
       if progress.step_in_stage == 0 and k > 0:
         unit = plan.calibrated_unit(k)
-        calibrate_k = None
-        if unit is not None:
-          count = plan.calibration.batches
-          first = progress.calibrations * count
-          cal_images = calibration_batches(calibration_keys, members,
-                                           jnp.arange(first, first + count, dtype=jnp.int32),
-                                           images, labels)
-          calibrate_k = lambda variables, cal_images=cal_images, unit=unit: calibrate(
-              variables, cal_images, unit)
-          progress.calibrations += 1
-        states = switch(k, states, fresh_keys, method_keys, calibrate_k)
+        branch = 0 if unit is None else units_calibrated.index(unit) + 1
+        first = 0 if unit is None else progress.calibrations * plan.calibration.batches
+        states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys,
+                             calibration_keys, jnp.int32(first), members, images, labels)
+        progress.calibrations += unit is not None
       lrs = learning_rates[k]
       train_start = time.perf_counter()
       for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage):
@@ -395,7 +439,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
             "test/accuracy": tests[i]["accuracy"], "test/loss": tests[i]["loss"],
             "train_eval/accuracy": trains[i]["accuracy"], "train_eval/loss": trains[i]["loss"]})
       progress.stage, progress.step_in_stage = k + 1, 0
-      save()
+      # Stage ends: forced without an interval; otherwise as the manager's policy says.
+      save(force=not checkpoint_interval_s)
       if k + 1 < plan.num_stages and notice.signal is not None:
         _stop_preempted(manager, group_dir, progress.global_step)
   finally:

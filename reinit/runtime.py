@@ -69,12 +69,14 @@ class Runtime:
   reset_opt_state: Any
 
 
-def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan) -> Runtime:
-  """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan`."""
+def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan,
+                  runs: int = 1) -> Runtime:
+  """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan` (of each
+  of `runs` runs of a group: the model's `conv='auto'` resolves by it)."""
   mesh = data_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-  model = models.from_config(config, num_classes)
+  model = models.from_config(config, num_classes, runs)
   tx = plan.optimizer(make_optimizer(config))
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   train_step = jax.jit(

@@ -38,7 +38,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
   """SGD (Nesterov) with weight decay on kernels.
 
   The learning rate is an injected hyperparameter: the train step sets it from the stage's
-  schedule, so every stage (whatever its length or peak) uses the same compiled step.
+  schedule, so every stage (whatever its length or peak) uses the same compiled step. Reads
+  only `weight_decay`, `momentum` and `nesterov` (`reinit.group_train.OptimizerFields`: a
+  process shares a group's compiled programs by them).
   """
   def sgd(learning_rate):
     return optax.chain(

@@ -108,7 +108,7 @@ def validate(config) -> None:
   _choice("model", config.model, sorted(models.MODELS))
   _choice("method", config.method, methods.METHODS)
   _choice("compute_dtype", config.compute_dtype, tuple(models.COMPUTE_DTYPES))
-  _choice("conv", config.get("conv", "xla"), tuple(models.CONVOLUTIONS))
+  _choice("conv", config.get("conv", "xla"), models.CONV_CHOICES)
   _check_data_fields(config)
   _check_optimization(config)
   _check_devices(config)

@@ -111,20 +111,28 @@ def claim(config, workdir: str) -> None:
 # ---------------------------------------------------------------- orbax
 
 
-def checkpoint_manager(workdir: str):
+def checkpoint_manager(workdir: str, min_interval_s: int | None = None):
+  """The orbax manager of `workdir`'s checkpoints (the newest 3 kept). With `min_interval_s`,
+  saves that are not forced (`save_checkpoint(..., force=False)`) happen only when that many
+  seconds passed since the last one and none is in flight (orbax's continuous policy)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint.checkpoint_managers import save_decision_policy  # pylint: disable=g-import-not-at-top
+  policy = None if min_interval_s is None else save_decision_policy.ContinuousCheckpointingPolicy(
+      minimum_interval_secs=int(min_interval_s))
   return ocp.CheckpointManager(
       os.path.join(absolute(workdir), CHECKPOINT_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True,
+                                           save_decision_policy=policy))
 
 
-def save_checkpoint(manager, state: PyTree, progress: dict) -> None:
-  """Saves `state` and the loop's `progress` (a JSON dict) at step `progress['global_step']`."""
+def save_checkpoint(manager, state: PyTree, progress: dict, force: bool = True) -> bool:
+  """Saves `state` and the loop's `progress` (a JSON dict) at step `progress['global_step']`;
+  unless `force`, only if the manager's save policy says so. Returns whether it saved."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   # A copy: the save finishes in the background while the loop goes on updating `progress`.
-  manager.save(int(progress["global_step"]), args=ocp.args.Composite(
+  return bool(manager.save(int(progress["global_step"]), args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(copy.deepcopy(progress))),
-      force=True)
+      force=force))
 
 
 def abstract(tree: PyTree) -> PyTree:

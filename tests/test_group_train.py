@@ -41,9 +41,11 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _group(config, root, name, seeds):
+def _group(config, root, name, seeds, checkpoint_interval_s=0):
+  """A group trained in root/name/seed{s}; checkpoints at every stage end unless told."""
   workdirs = [os.path.join(root, name, f"seed{s}") for s in seeds]
-  return workdirs, group_train.train_group(config, seeds, workdirs)
+  return workdirs, group_train.train_group(config, seeds, workdirs,
+                                           checkpoint_interval_s=checkpoint_interval_s)
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +217,11 @@ def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, 
 
 
 def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
-  # Three stages, calibration off (it compiles once per calibrated unit, as a single run's
-  # does): from the last window of stage 1 to the last of stage 2 (stage 1's evaluation and
-  # checkpoint, stage 2's switch, optimizer reset and training) nothing is compiled.
+  # Three stages, LW calibrating a different unit after each switch: from the last window of
+  # stage 1 to the last of stage 2 (stage 1's evaluation and checkpoint, stage 2's switch,
+  # calibration of another unit, optimizer reset and training) nothing is compiled.
   config = _config(data_dir, num_stages=3)
-  config.lw.normalize = False
+  assert config.lw.normalize
   compiles, at_window = [0], []
   def count(event, duration, **kwargs):
     del duration, kwargs
@@ -240,6 +242,19 @@ def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
   assert windows_per_stage == 2 and len(at_window) == 6
   assert at_window[-1] == at_window[2 * windows_per_stage - 1]
   assert at_window[0] > 0  # the listener does count (stage 0 compiled the step functions)
+
+
+def test_stage_end_checkpoints_follow_the_interval(data_dir, tmp_path):
+  # Three stages of 3 steps (stage ends at steps 3, 6, 9): with an hour's interval only the
+  # first stage end is saved (orbax's policy saves when there is no checkpoint yet); with 0,
+  # every stage end.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = _config(data_dir, num_stages=3)
+  for interval, expected in ((3600, [3]), (0, [3, 6, 9])):
+    workdirs, _ = _group(config, str(tmp_path), f"i{interval}", SEEDS[:2], interval)
+    manager = ocp.CheckpointManager(os.path.join(group_train.group_dir_of(workdirs),
+                                                 workdir_lib.CHECKPOINT_DIR))
+    assert manager.all_steps() == expected
 
 
 # ------------------------------------------------------------------ launch.sweep --runs_per_program

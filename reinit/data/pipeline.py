@@ -38,6 +38,7 @@ This module imports no jax itself (clu's `pad_dataset` module does).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -235,27 +236,41 @@ class Data:
     _per_process(config.batch_size, process_count, "batch_size")
     _per_process(config.eval_batch_size, process_count, "eval_batch_size")
 
-    labels = preprocess.read_labels(builder, config.train_split)
-    subset_seed = config.seed if config.subset_seed is None else config.subset_seed
-    self._subset = subsets.train_subset_indices(
-        labels,
-        train_examples=subsets.requested_train_examples(
-            config.train_examples, config.train_fraction, len(labels)
-        ),
-        num_classes=num_classes,
-        seed=int(subset_seed),
-    )
-    self._noisy_labels = subsets.corrupt_labels(
-        labels,
-        self._subset,
-        num_classes=num_classes,
-        label_noise=label_noise,
-        seed=int(subset_seed),
-    )
+    self._labels = preprocess.read_labels(builder, config.train_split)
     self._config = config
     self._builder = builder
     self._size = size
     self._process = dict(process_index=process_index, process_count=process_count)
+    self._subset, self._noisy_labels = self._draw_subset(config)
+
+  def _draw_subset(self, config) -> tuple[np.ndarray, np.ndarray]:
+    """(subset indices, labels of the whole split after label noise) of `config`'s seed."""
+    subset_seed = config.seed if config.subset_seed is None else config.subset_seed
+    subset = subsets.train_subset_indices(
+        self._labels,
+        train_examples=subsets.requested_train_examples(
+            config.train_examples, config.train_fraction, len(self._labels)
+        ),
+        num_classes=self._info.num_classes,
+        seed=int(subset_seed),
+    )
+    noisy_labels = subsets.corrupt_labels(
+        self._labels,
+        subset,
+        num_classes=self._info.num_classes,
+        label_noise=subsets.check_label_noise(config.label_noise),
+        seed=int(subset_seed),
+    )
+    return subset, noisy_labels
+
+  def with_seed(self, seed: int) -> "Data":
+    """The same dataset for the run of `seed` (its own subset, label noise and stream),
+    without reading the split again: `Data(config with seed)` for a group of runs."""
+    other = copy.copy(self)
+    other._config = copy.deepcopy(self._config)  # pylint: disable=protected-access
+    other._config.seed = int(seed)  # pylint: disable=protected-access
+    other._subset, other._noisy_labels = other._draw_subset(other._config)  # pylint: disable=protected-access
+    return other
 
   @property
   def info(self) -> DatasetInfo:

@@ -6,7 +6,9 @@ unit but the head ends with a `Standardize` (see `standardize.py`).
 
 import jax.numpy as jnp
 
+from reinit.models.conv import CONV_CHOICES
 from reinit.models.conv import CONVOLUTIONS
+from reinit.models.conv import resolve_conv
 from reinit.models.resnet import ResNet18, ResNet50
 from reinit.models.simple_cnn import SimpleCNN
 from reinit.models.standardize import MOMENTS_COLLECTION, NORM_COLLECTION, Standardize
@@ -23,11 +25,13 @@ MODELS = {
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def from_config(config, num_classes: int):
+def from_config(config, num_classes: int, runs: int = 1):
   """The linen module of a run config (`model`, `width`, `compute_dtype`, `conv`), `num_classes`
-  outputs. Configs written before `conv` existed get XLA's convolution."""
+  outputs, for a program of `runs` runs (`conv='auto'` resolves by it: `resolve_conv`).
+  Configs written before `conv` existed get XLA's convolution."""
   return get_model(config.model, num_classes=num_classes, width=config.width,
-                   dtype=COMPUTE_DTYPES[config.compute_dtype], conv=config.get("conv", "xla"))
+                   dtype=COMPUTE_DTYPES[config.compute_dtype],
+                   conv=resolve_conv(config.get("conv", "xla"), runs))
 
 
 def get_model(name: str, *, num_classes: int, **kwargs):

@@ -47,6 +47,19 @@ def im2col_conv(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dil
 
 
 CONVOLUTIONS = {"xla": None, "im2col": im2col_conv}  # None: flax's default, XLA's convolution
+CONV_CHOICES = ("auto", *CONVOLUTIONS)  # the config field's values
+
+
+def resolve_conv(choice: str, runs: int = 1) -> str:
+  """The convolution of config value `choice` in a program of `runs` runs: 'auto' is XLA's for
+  one run and im2col for a group (vmapped, XLA's convolutions become grouped ones, which
+  XLA:CPU and cuDNN run several times slower than the batched matrix products of im2col:
+  README, "Groups of runs"); 'xla' and 'im2col' are themselves."""
+  if choice not in CONV_CHOICES:
+    raise ValueError(f"conv={choice!r} is unknown; accepted: {', '.join(CONV_CHOICES)}")
+  if choice == "auto":
+    return "xla" if runs == 1 else "im2col"
+  return choice
 
 
 def conv_layer(impl: str, *args, **kwargs) -> nn.Conv:
