@@ -170,10 +170,14 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
-  runs = shard(runs_of(config_path, arg, cli_overrides), task_index, num_tasks)
-  progress = common.Progress(len(runs))
+  runs = runs_of(config_path, arg, cli_overrides)
   if runs_per_program != 1 and not dry_run:
-    return _run_grouped(runs, root, runs_per_program, progress)
+    # Tasks share groups, not runs: a combination's seeds stay in one program.
+    groups = shard(program_groups([config for _, _, config in runs], runs_per_program),
+                   task_index, num_tasks)
+    return _run_grouped([[runs[i] for i in group] for group in groups], root)
+  runs = shard(runs, task_index, num_tasks)
+  progress = common.Progress(len(runs))
   for name, run, config in runs:
     workdir = epath.Path(root) / name
     if dry_run:
@@ -194,28 +198,29 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   return finished
 
 
-def _run_grouped(runs, root: str, runs_per_program: int, progress) -> list:
-  """`run_sweep` with runs differing only in seed trained as groups (`program_groups`)."""
+def _run_grouped(groups: list[list], root: str) -> list:
+  """`run_sweep` of runs trained as groups: each group's unfinished runs as one program
+  (`group_train.train_group`, also when one is left: a run's numbers do not depend on which
+  other seeds share its program)."""
   from reinit import train  # pylint: disable=g-import-not-at-top
-  finished, todo = [], []
-  for name, run, config in runs:
-    workdir = epath.Path(root) / name
-    results_path = workdir / train.RESULTS_FILE
-    if results_path.exists() and (workdir / train.CONFIG_FILE).exists():
-      print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
-      finished.append((name, run, json.loads(results_path.read_text())))
-    else:
-      todo.append((name, run, config))
-  for group in program_groups([config for _, _, config in todo], runs_per_program):
-    members = [todo[i] for i in group]
-    names = [name for name, _, _ in members]
+  finished = []
+  progress = common.Progress(sum(len(group) for group in groups))
+  for group in groups:
+    todo = []
+    for name, run, config in group:
+      results_path = epath.Path(root) / name / train.RESULTS_FILE
+      if results_path.exists() and (epath.Path(root) / name / train.CONFIG_FILE).exists():
+        print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
+        finished.append((name, run, json.loads(results_path.read_text())))
+      else:
+        todo.append((name, run, config))
+    if not todo:
+      continue
+    names = [name for name, _, _ in todo]
     print(f"{', '.join(names)}: running as one program ...", flush=True)
-    workdirs = [str(epath.Path(root) / name) for name in names]
-    if len(members) == 1:
-      all_results = [common.run_or_exit(members[0][2], workdirs[0])]
-    else:
-      all_results = _group_or_exit([config for _, _, config in members], workdirs)
-    for (name, run, _), results in zip(members, all_results):
+    all_results = _group_or_exit([config for _, _, config in todo],
+                                 [str(epath.Path(root) / name) for name in names])
+    for (name, run, _), results in zip(todo, all_results):
       print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
             f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
             flush=True)

@@ -26,6 +26,7 @@ calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
 import copy
 import dataclasses
 import functools
+import math
 import os
 import time
 import types
@@ -35,6 +36,8 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from reinit import evaluation
@@ -52,6 +55,8 @@ from reinit.runtime import initial_state
 from reinit.runtime import rarely_run_jit
 from reinit.runtime import run_keys
 from reinit.steps import make_optimizer
+from reinit.steps import optimizer_fields
+from reinit.steps import OptimizerFields
 from reinit.steps import make_train_step
 from reinit.steps import stage_learning_rates
 from reinit.steps import TrainState
@@ -124,13 +129,47 @@ def _augmentation(config, image_shape) -> dict:
   return dict(pad=pad, flip=config.augment == "crop_flip", pad_mode="reflect")
 
 
-def _stacked_batches(datasets) -> list[dict]:
-  """Per-run tf.data eval datasets of equal length -> list of batches stacked (R, B, ...)."""
-  per_run = [list(ds.as_numpy_iterator()) for ds in datasets]
-  if len({len(b) for b in per_run}) != 1:
-    raise ValueError("the runs' train-eval sets differ in their number of batches")
-  return [jax.device_put(jax.tree.map(lambda *x: np.stack(x), *batches))
-          for batches in zip(*per_run)]
+def train_eval_batches(images: jax.Array, labels: jax.Array, true_labels: jax.Array,
+                       members: jax.Array, batch_size: int) -> list[dict]:
+  """Each run's training subset as eval batches, stacked (R, B, ...), read from the group's
+  images on device (no input pipeline): the fields of `reinit.data.Data.train_eval` (image
+  normalized, label trained on, mask, true_label, corrupted), the last batch padded (mask 0).
+
+  Args:
+    images: (N, H, W, C) uint8, the union of the runs' training images; labels: (N,) int32,
+      trained on; true_labels: (N,) int32, the dataset's.
+    members: (R, n) int32, each run's examples as indices into `images`.
+    batch_size: B, examples per batch and run.
+  """
+  runs, n = members.shape
+  padded = -(-n // batch_size) * batch_size
+  indices = jnp.pad(members, ((0, 0), (0, padded - n)))
+  mask = jnp.broadcast_to(jnp.arange(padded) < n, (runs, padded)).astype(jnp.float32)
+  batches = []
+  for start in range(0, padded, batch_size):
+    chunk = indices[:, start:start + batch_size]
+    batches.append({"image": groups.normalize(images[chunk]), "label": labels[chunk],
+                    "mask": mask[:, start:start + batch_size], "true_label": true_labels[chunk],
+                    "corrupted": (labels[chunk] != true_labels[chunk]).astype(jnp.float32)})
+  return batches
+
+
+# The test split, on device, shared by the groups of a process: (what `Data.eval` reads) ->
+# batches. Two entries at most (a sweep over datasets moves on).
+_TEST_BATCHES: dict = {}
+
+
+def _test_batches(data, config, sharding) -> list[dict]:
+  """`data.eval(config.test_split)`'s batches placed by `sharding`, read once per process."""
+  key = (config.tfds_name or config.dataset, config.data_dir, config.test_split,
+         config.image_size, config.eval_batch_size, jax.process_index(), jax.process_count(),
+         sharding)
+  if key not in _TEST_BATCHES:
+    while len(_TEST_BATCHES) >= 2:
+      _TEST_BATCHES.pop(next(iter(_TEST_BATCHES)))
+    _TEST_BATCHES[key] = [jax.device_put(b, sharding)
+                          for b in data.eval(config.test_split).as_numpy_iterator()]
+  return _TEST_BATCHES[key]
 
 
 # ---------------------------------------------------------------- the group's functions
@@ -172,14 +211,6 @@ def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
   return out
 
 
-class OptimizerFields(NamedTuple):
-  """The config fields `reinit.steps.make_optimizer` reads: part of the key under which the
-  group's compiled programs are shared by the groups of a process."""
-  weight_decay: float
-  momentum: float
-  nesterov: bool
-
-
 # The window loop and eval steps are jitted once per process for what they close over (the
 # linen module is hashable by its fields; the optimizer by its fields and the plan's wrapper):
 # the groups of a sweep (methods differ in their switches, rarely in these) then share their
@@ -202,6 +233,29 @@ def _group_eval_step(model, num_classes: int, shared_batches: bool):
   stacked per run (their training subsets)."""
   return jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=num_classes),
                           in_axes=(0, None if shared_batches else 0)))
+
+
+def group_devices(config, num_runs: int) -> int:
+  """Devices a group of `num_runs` runs spreads its runs over (each run on one device):
+  `num_devices`, which must divide the runs, or with -1 (all) the most devices that do."""
+  from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise ConfigError(f"a group of runs trains in one process, not {jax.process_count()}; "
+                      "accepted: runs_per_program=1 for multi-process runs")
+  requested = config.get("num_devices", -1)
+  if requested == -1:
+    return math.gcd(num_runs, jax.device_count())
+  if num_runs % requested:
+    divisors = [d for d in range(1, min(num_runs, jax.device_count()) + 1) if num_runs % d == 0]
+    raise ConfigError(f"num_devices={requested} does not divide a group of {num_runs} runs "
+                      f"(runs_per_program); accepted: num_devices -1 or one of "
+                      f"{', '.join(map(str, divisors))}, or a runs_per_program it divides")
+  return requested
+
+
+def runs_mesh(devices: int) -> jax.sharding.Mesh:
+  """The 1-D `runs` mesh of a group over the first `devices` devices."""
+  return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("runs",))
 
 
 def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
@@ -267,6 +321,21 @@ def group_dir_of(workdirs: Sequence[str]) -> str:
   return os.path.normpath(workdirs[0]) + GROUP_DIR_SUFFIX
 
 
+def out_of_memory_error(error: Exception, num_runs: int):
+  """The one-line ConfigError of a group whose memory does not fit, or None if `error` is not
+  an allocation failure."""
+  from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  text = str(error)
+  if not isinstance(error, jax.errors.JaxRuntimeError) or not any(
+      mark in text for mark in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")):
+    return None
+  first = text.strip().splitlines()[0][:200]
+  smaller = f"1..{num_runs - 1}" if num_runs > 1 else "1 (and a smaller batch_size)"
+  return ConfigError(f"a group of runs_per_program={num_runs} runs does not fit in the device's "
+                     f"memory ({first}); accepted: runs_per_program={smaller}, or smaller "
+                     "batch_size / eval_batch_size")
+
+
 def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
                 group_dir: str | None = None, over_runs: str = "vmap",
                 checkpoint_interval_s: int = CHECKPOINT_INTERVAL_S) -> list[dict]:
@@ -287,9 +356,21 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       (digits: 7 stage ends in ~10 s); resume is exact from any checkpoint.
 
   Raises:
-    ConfigError: as `train.train_and_evaluate`, or seeds/workdirs that do not pair up.
+    ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, or a
+      group too large for the device's memory (`out_of_memory_error`: names runs_per_program).
     train.TrainingDiverged: a run's training loss became non-finite (names the run).
   """
+  try:
+    return _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s)
+  except jax.errors.JaxRuntimeError as e:
+    error = out_of_memory_error(e, len(seeds))
+    if error is None:
+      raise
+    raise error from e
+
+
+def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s):
+  """`train_group`'s work."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
   start_time = time.perf_counter()
   seeds, workdirs = [int(s) for s in seeds], list(workdirs)
@@ -300,9 +381,9 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   configs = [seed_config(config, s) for s in seeds]
   for c in configs:
     validation.validate(c)
-  if validation.num_devices(config) != 1:
-    raise ConfigError(f"num_devices={config.get('num_devices', -1)!r} is not supported by a "
-                      "group of runs yet; accepted: 1")
+  mesh = runs_mesh(group_devices(config, num_runs))
+  by_run, replicated = NamedSharding(mesh, PartitionSpec("runs")), NamedSharding(mesh,
+                                                                                  PartitionSpec())
   first_data = train._load_data(configs[0])  # pylint: disable=protected-access
   datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
@@ -320,18 +401,23 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   indices, labels, members = union_of_subsets([d.train_subset() for d in datas])
   distinct = np.unique(indices)
   images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
-  images, labels, members = (jax.device_put(x) for x in (images, labels, members))
-  test_batches = [jax.device_put(b) for b in datas[0].eval(config.test_split).as_numpy_iterator()]
-  train_batches = _stacked_batches([d.train_eval() for d in datas])
+  images, labels, true_labels = jax.device_put(
+      (images, labels, datas[0].split_labels(indices)), replicated)
+  members = jax.device_put(members, by_run)
+  test_batches = _test_batches(datas[0], config, replicated)
+  train_batches = train_eval_batches(images, labels, true_labels, members,
+                                     config.eval_batch_size)
 
-  runtime = build_runtime(config, info.num_classes, info.image_shape, plan, runs=num_runs)
+  # Each run's initial state as a single run's on one device, then the runs spread.
+  one_device = copy.deepcopy(config)
+  one_device.num_devices = 1
+  runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs)
   model, tx = runtime.model, runtime.tx
-  states = groups.stack([initial_state(runtime, k) for k in keys])
-  data_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds])
-  calibration_keys = jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM)
-                                for s in seeds])
-  fresh_keys = jnp.stack([k.fresh for k in keys])
-  method_keys = jnp.stack([k.method for k in keys])
+  states = jax.device_put(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
+  data_keys, calibration_keys, fresh_keys, method_keys = jax.device_put((
+      jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds]),
+      jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM) for s in seeds]),
+      jnp.stack([k.fresh for k in keys]), jnp.stack([k.method for k in keys])), by_run)
   augmentation = _augmentation(config, info.image_shape)
   learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
 
@@ -339,7 +425,7 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   lengths = sorted({n for lrs in learning_rates
                     for _, n in _windows(len(lrs), config.log_every_steps)})
   compile_start = time.perf_counter()
-  optimizer = OptimizerFields(*(config[f] for f in OptimizerFields._fields))
+  optimizer = optimizer_fields(config)
   loops = {n: _window_loop(model, optimizer, plan.optimizer, info.num_classes,
                            config.label_smoothing, n, config.batch_size, over_runs,
                            tuple(augmentation.items())).lower(
@@ -389,8 +475,11 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
         unit = plan.calibrated_unit(k)
         branch = 0 if unit is None else units_calibrated.index(unit) + 1
         first = 0 if unit is None else progress.calibrations * plan.calibration.batches
-        states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys,
-                             calibration_keys, jnp.int32(first), members, images, labels)
+        # Placed again: XLA may place leaves it computes from constants (standardization
+        # flags) replicated, and the compiled loop takes every leaf spread over the runs.
+        states = jax.device_put(stage_start(
+            jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys, calibration_keys,
+            jnp.int32(first), members, images, labels), by_run)
         progress.calibrations += unit is not None
       lrs = learning_rates[k]
       train_start = time.perf_counter()

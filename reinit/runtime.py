@@ -7,6 +7,7 @@ or many hosts (after `jax.distributed.initialize()`, each process feeds its slic
 """
 
 import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -21,6 +22,8 @@ from reinit import methods
 from reinit import models
 from reinit import transforms
 from reinit.steps import make_optimizer
+from reinit.steps import optimizer_fields
+from reinit.steps import OptimizerFields
 from reinit.steps import make_train_step
 from reinit.steps import TrainState
 from reinit.validation import num_devices
@@ -78,7 +81,6 @@ def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan,
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = models.from_config(config, num_classes, runs)
   tx = plan.optimizer(make_optimizer(config))
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
   train_step = jax.jit(
       make_train_step(model, tx, num_classes=num_classes,
                       label_smoothing=config.label_smoothing),
@@ -93,12 +95,27 @@ def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan,
                                                              unit), static_argnums=2)
   return Runtime(
       model=model, tx=tx, replicated=replicated, batch_sharding=batch_sharding,
-      init=rarely_run_jit(lambda key: model.init(key, dummy, train=False),
-                          out_shardings=replicated),
-      opt_init=rarely_run_jit(tx.init, out_shardings=replicated), train_step=train_step,
+      init=_jitted_init(model, tuple(image_shape), replicated),
+      opt_init=_jitted_opt_init(optimizer_fields(config), plan.optimizer, replicated),
+      train_step=train_step,
       eval_step=eval_step, begin=rarely_run_jit(plan.begin),
       switch=rarely_run_jit(plan.switch), calibrate=calibrate,
       reset_opt_state=rarely_run_jit(transforms.reset_opt_state))
+
+
+# Jitted once per process for what they close over (a linen module is hashable by its fields,
+# the optimizer by its fields and the plan's wrapper): the runs of a sweep share their traces.
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model, image_shape: tuple[int, ...], sharding: NamedSharding):
+  """key -> the model's initial variables, placed by `sharding`."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return rarely_run_jit(lambda key: model.init(key, dummy, train=False), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_opt_init(optimizer: OptimizerFields, wrapper, sharding: NamedSharding):
+  """params -> a fresh state of `wrapper(make_optimizer(optimizer))`, placed by `sharding`."""
+  return rarely_run_jit(wrapper(make_optimizer(optimizer)).init, out_shardings=sharding)
 
 
 @dataclasses.dataclass(frozen=True)

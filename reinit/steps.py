@@ -7,7 +7,7 @@ run and a vmapped group of runs.
   make_train_step         `(state, batch, learning_rate) -> (state, metrics)`
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -34,13 +34,24 @@ class TrainState:
   memory: PyTree
 
 
+class OptimizerFields(NamedTuple):
+  """The config fields `make_optimizer` reads: hashable, so that the programs built on an
+  optimizer can be shared by the runs of a process that agree on them."""
+  weight_decay: float
+  momentum: float
+  nesterov: bool
+
+
+def optimizer_fields(config) -> OptimizerFields:
+  return OptimizerFields(*(config[field] for field in OptimizerFields._fields))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """SGD (Nesterov) with weight decay on kernels.
 
   The learning rate is an injected hyperparameter: the train step sets it from the stage's
   schedule, so every stage (whatever its length or peak) uses the same compiled step. Reads
-  only `weight_decay`, `momentum` and `nesterov` (`reinit.group_train.OptimizerFields`: a
-  process shares a group's compiled programs by them).
+  only the fields of `OptimizerFields` (compiled programs are shared by them).
   """
   def sgd(learning_rate):
     return optax.chain(

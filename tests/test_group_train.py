@@ -9,6 +9,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,7 +31,7 @@ def _config(data_dir, **overrides):
   config.epochs_per_stage = 1
   config.num_stages = 2
   config.log_every_steps = 2
-  config.num_devices = 1  # the grouped trainer runs on one device for now
+  config.num_devices = 1
   for key, value in overrides.items():
     config[key] = value
   return config
@@ -270,6 +271,7 @@ def test_program_groups_join_runs_differing_only_in_seed():
   assert sweep.program_groups(configs, 2) == [[0, 2], [3, 5], [1], [4]]
   assert sweep.program_groups(configs, 8) == [[0, 2, 3, 5], [1], [4]]
   assert sweep.program_groups(configs, 1) == [[i] for i in [0, 2, 3, 5, 1, 4]]
+  assert sweep.program_groups(configs, 0) == [[0, 2, 3, 5], [1], [4]]  # 0: no cap
 
 
 _SWEEP_CONFIG = """
@@ -288,18 +290,23 @@ def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
                "eval_batch_size": 100, "epochs_per_stage": 1, "num_stages": 2,
                "num_devices": 1}
   root = tmp_path / "runs"
-  finished = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  finished = sweep.run_sweep(str(config_path), None, overrides, str(root))  # all seeds grouped
   names = sorted(name for name, _, _ in finished)
   assert len(names) == 3
   for name in names:
     assert (root / name / "results.json").exists()
-  # The two LW seeds trained as one group (its checkpoints next to the first's workdir); the
-  # baseline alone (its own checkpoints in its workdir).
-  lw_dirs = sorted(p.name for p in root.iterdir() if p.name.endswith(".group"))
-  assert len(lw_dirs) == 1 and "lw" in lw_dirs[0]
+  # The two LW seeds trained as one group (its checkpoints next to the first's workdir), the
+  # baseline as a group of one (a grouped sweep's numbers do not depend on group sizes).
+  group_dirs = sorted(p.name for p in root.iterdir() if p.name.endswith(".group"))
+  assert group_dirs == ["method=baseline,seed=0.group", "method=lw,seed=0.group"]
+  assert not (root / "method=baseline,seed=0" / "checkpoints").exists()
   # Started again, every run is finished: nothing trains.
-  again = sweep.run_sweep(str(config_path), None, overrides, str(root), runs_per_program=4)
+  again = sweep.run_sweep(str(config_path), None, overrides, str(root))
   assert sorted(name for name, _, _ in again) == names
+  # Two tasks share the groups (in order of first appearance), not the runs.
+  shares = [sorted(name for name, _, _ in sweep.run_sweep(
+      str(config_path), None, overrides, str(root), task_index=i, num_tasks=2)) for i in (0, 1)]
+  assert shares == [["method=lw,seed=0", "method=lw,seed=1"], ["method=baseline,seed=0"]]
 
 
 def test_runs_one_after_another_equal_vmapped_runs(groups_run, data_dir):
@@ -309,3 +316,58 @@ def test_runs_one_after_another_equal_vmapped_runs(groups_run, data_dir):
   for mapped, vmapped in zip(workdirs, all_dirs):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  _variables(mapped, "final"), _variables(vmapped, "final"))
+
+
+def test_train_accuracy_read_on_device_equals_the_pipelines(groups_run, data_dir):
+  # The group evaluates each run's training subset from its images on device; the single run's
+  # tf.data train-eval set of the same seed, evaluated with the run's final variables, gives
+  # the same accuracy (an independent pipeline: decoding, subset, normalization, padding).
+  from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
+  from reinit import evaluation  # pylint: disable=g-import-not-at-top
+  from reinit import models  # pylint: disable=g-import-not-at-top
+  _, (all_dirs, all_results), _ = groups_run
+  for seed, workdir, result in zip(SEEDS, all_dirs, all_results):
+    config = _config(data_dir, seed=seed)
+    data = data_lib.Data(config)
+    model = models.from_config(config, data.info.num_classes, runs=len(SEEDS))
+    step = jax.jit(evaluation.make_eval_step(model, num_classes=data.info.num_classes))
+    expected = evaluation.evaluate(step, _variables(workdir, "final"),
+                                   data.train_eval().as_numpy_iterator())
+    assert result["train_accuracy"] == expected["accuracy"]
+    np.testing.assert_allclose(result["stages"][-1]["train_loss"], expected["loss"], rtol=1e-5)
+    assert expected["examples"] == config.train_examples
+
+
+def test_a_group_out_of_memory_is_one_line_naming_runs_per_program(data_dir, tmp_path,
+                                                                    monkeypatch):
+  def exhausted(*args):  # a real allocation failure of XLA, where a window runs
+    del args
+    return jax.jit(lambda: jnp.ones((2**41,), jnp.float32))().block_until_ready()
+  monkeypatch.setattr(group_train, "_train_window", exhausted)
+  with pytest.raises(train.ConfigError) as error:
+    _group(_config(data_dir), str(tmp_path), "g", SEEDS)
+  message = str(error.value)
+  assert "\n" not in message
+  assert "runs_per_program=3 runs does not fit" in message
+  assert "accepted: runs_per_program=1..2" in message
+  assert "RESOURCE_EXHAUSTED" in message
+  # Other runtime errors are not dressed up as memory errors.
+  assert group_train.out_of_memory_error(ValueError("RESOURCE_EXHAUSTED"), 3) is None
+
+
+def test_runs_spread_over_devices_equal_runs_on_one_device(groups_run, data_dir, tmp_path):
+  # 4 runs on 4 of the 8 host devices (one run a device) and on one device: the same start bit
+  # for bit, the same end to rtol 1e-5; a device count that does not divide the runs is refused.
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  seeds = (0, 1, 2, 3)
+  spread, _ = _group(_config(data_dir, num_devices=4), str(tmp_path), "spread", seeds)
+  alone, _ = _group(_config(data_dir, num_devices=1), str(tmp_path), "alone", seeds)
+  for a, b in zip(spread, alone):
+    jax.tree.map(np.testing.assert_array_equal, _variables(a, "init"), _variables(b, "init"))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 _variables(a, "final"), _variables(b, "final"))
+  assert group_train.group_devices(_config(data_dir, num_devices=-1), 4) == 4
+  assert group_train.group_devices(_config(data_dir, num_devices=-1), 3) == 1
+  with pytest.raises(train.ConfigError, match="num_devices=3 does not divide a group of 4 runs"):
+    group_train.group_devices(_config(data_dir, num_devices=3), 4)

@@ -390,3 +390,48 @@ def test_the_report_reads_and_writes_through_a_non_local_epath_backend(tmp_path)
   assert "| digits | simple_cnn | 100 | 55.00 ± 5.00 | **80.00 ± 10.00** |" in got["texts"][
       "table2.md"]
   assert not any(work.iterdir())  # nothing written locally under a path named gs:
+
+
+# ------------------------------------------------------------------ grouped vs single: within noise
+
+
+def test_within_noise_bound_is_two_combined_standard_errors_plus_half_a_point():
+  from reinit.report import stats as stats_lib  # pylint: disable=g-import-not-at-top
+  a, b = [0.90, 0.92, 0.94], [0.88, 0.89, 0.90]
+  # By hand: se_a = 0.02 / sqrt(3), se_b = 0.01 / sqrt(3).
+  bound = 2 * math.sqrt(0.02 ** 2 / 3 + 0.01 ** 2 / 3) + 0.005
+  out = stats_lib.within_noise(a, b)
+  assert out["bound"] == pytest.approx(bound, rel=1e-12)
+  assert out["difference"] == pytest.approx(0.03, rel=1e-12)
+  assert out["agree"] == (0.03 <= bound)  # 0.03 <= 0.0308...: agree
+  assert out["agree"]
+  assert not stats_lib.within_noise(a, [0.85, 0.86, 0.87])["agree"]  # 0.06 apart
+  # One seed a side: its standard error counts as 0, the bound is the slack (plus the other's).
+  assert stats_lib.within_noise([0.90], [0.904])["agree"]
+  assert not stats_lib.within_noise([0.90], [0.906])["agree"]
+
+
+def _write_run(root, name, method, seed, accuracy):
+  path = root / name
+  path.mkdir(parents=True)
+  (path / "results.json").write_text(json.dumps({
+      "dataset": "digits", "model": "simple_cnn", "method": method, "seed": seed,
+      "train_examples": 100, "test_accuracy": accuracy}))
+
+
+def test_compare_studies_flags_the_method_that_moved(tmp_path, capsys):
+  from launch import compare_studies  # pylint: disable=g-import-not-at-top
+  grouped, single = tmp_path / "grouped", tmp_path / "single"
+  for seed, (lw, base) in enumerate([(0.90, 0.80), (0.91, 0.81), (0.92, 0.82)]):
+    _write_run(grouped, f"lw{seed}", "lw", seed, lw)
+    _write_run(single, f"lw{seed}", "lw", seed, lw + 0.004)  # within the 0.5 point slack
+    _write_run(grouped, f"b{seed}", "baseline", seed, base)
+    _write_run(single, f"b{seed}", "baseline", seed, base + 0.05)  # 5 points off
+  assert compare_studies.main([str(grouped), str(single)]) == 1
+  out = capsys.readouterr().out
+  assert "| lw | 3 / 3 |" in out and "| yes |" in out
+  assert "| baseline | 3 / 3 |" in out and "| NO |" in out
+  assert "1 of 2 agree within noise" in out
+  with pytest.raises(SystemExit) as exit_info:
+    compare_studies.main([str(grouped), str(tmp_path / "empty")])
+  assert exit_info.value.code == 2

@@ -289,6 +289,10 @@ class Data:
     indices = np.asarray(self._subset, np.int64)
     return indices, np.asarray(self._noisy_labels, np.int32)[indices]
 
+  def split_labels(self, indices: np.ndarray) -> np.ndarray:
+    """The dataset's own labels (before `label_noise`) of `indices` of `train_split`, int32."""
+    return np.asarray(self._labels, np.int32)[np.asarray(indices, np.int64)]
+
   def train_images(self, indices: np.ndarray) -> np.ndarray:
     """The raw images of `indices` (sorted, unique) of `train_split`, uint8 (n, H, W, C) in
     0..255 after resizing, unaugmented and unnormalized."""

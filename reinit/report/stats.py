@@ -56,3 +56,18 @@ def compare(method_means: Sequence[float], reference_means: Sequence[float]) -> 
   return {"combos": int(diff.size), "wins": wins, "losses": losses,
           "ties": int(diff.size) - wins - losses, "p_value": sign_test(wins, losses),
           "mean_gain": float(np.mean(diff)) if diff.size else float("nan")}
+
+
+def within_noise(values: Sequence[float], other: Sequence[float], slack: float = 0.005) -> dict:
+  """Whether two sets of seeds of one method agree: |mean - other mean| <= 2 x the combined
+  standard error (sqrt(se^2 + se_other^2)) + `slack` (0.005: half a point of accuracy).
+
+  Returns {'mean', 'other_mean', 'difference' (mean - other mean), 'bound', 'agree'}; with
+  fewer than two values on a side its standard error counts as 0 (the bound is then `slack`
+  plus the other side's share).
+  """
+  se = [standard_error(v) if len(v) > 1 else 0.0 for v in (values, other)]
+  mean, other_mean = float(np.mean(values)), float(np.mean(other))
+  bound = 2.0 * float(np.hypot(*se)) + slack
+  return {"mean": mean, "other_mean": other_mean, "difference": mean - other_mean,
+          "bound": bound, "agree": bool(abs(mean - other_mean) <= bound)}
