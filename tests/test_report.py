@@ -411,7 +411,7 @@ def test_within_noise_bound_is_two_combined_standard_errors_plus_half_a_point():
   assert not stats_lib.within_noise([0.90], [0.906])["agree"]
 
 
-def _write_run(root, name, method, seed, accuracy):
+def _write_accuracy(root, name, method, seed, accuracy):
   path = root / name
   path.mkdir(parents=True)
   (path / "results.json").write_text(json.dumps({
@@ -423,10 +423,10 @@ def test_compare_studies_flags_the_method_that_moved(tmp_path, capsys):
   from launch import compare_studies  # pylint: disable=g-import-not-at-top
   grouped, single = tmp_path / "grouped", tmp_path / "single"
   for seed, (lw, base) in enumerate([(0.90, 0.80), (0.91, 0.81), (0.92, 0.82)]):
-    _write_run(grouped, f"lw{seed}", "lw", seed, lw)
-    _write_run(single, f"lw{seed}", "lw", seed, lw + 0.004)  # within the 0.5 point slack
-    _write_run(grouped, f"b{seed}", "baseline", seed, base)
-    _write_run(single, f"b{seed}", "baseline", seed, base + 0.05)  # 5 points off
+    _write_accuracy(grouped, f"lw{seed}", "lw", seed, lw)
+    _write_accuracy(single, f"lw{seed}", "lw", seed, lw + 0.004)  # within the 0.5 point slack
+    _write_accuracy(grouped, f"b{seed}", "baseline", seed, base)
+    _write_accuracy(single, f"b{seed}", "baseline", seed, base + 0.05)  # 5 points off
   assert compare_studies.main([str(grouped), str(single)]) == 1
   out = capsys.readouterr().out
   assert "| lw | 3 / 3 |" in out and "| yes |" in out
