@@ -10,7 +10,7 @@ import time
 
 ANALYSES = ("margins", "flatness", "hessian", "hessian_folded", "robustness", "memorization")
 DEFAULTS = dict(noise_scales=(0.001, 0.003, 0.01, 0.03, 0.1), draws=5, batches=8,
-                power_iterations=100, hessian_iterations=50, seed=0)
+                power_iterations=100, hessian_iterations=50, hessian_tolerance=1e-4, seed=0)
 
 
 # ---------------------------------------------------------------- passes over the data
@@ -67,7 +67,7 @@ def load_datasets(data_config):
 
 
 def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, power_iterations,
-            hessian_iterations, analyses, seed) -> dict:
+            hessian_iterations, analyses, seed, hessian_tolerance=0.0) -> dict:
   """Runs the chosen analyses on a `reinit.workdir.FinishedRun`; returns the analysis.json dict.
 
   `model` is the run's model (in float32), `train_ds`/`test_ds` padded eval datasets (batches
@@ -88,7 +88,8 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
                                        "test_accuracy", "train_accuracy")},
          "settings": {"noise_scales": noise_scales, "draws": draws, "batches": batches,
                       "power_iterations": power_iterations,
-                      "hessian_iterations": hessian_iterations, "seed": seed,
+                      "hessian_iterations": hessian_iterations,
+                      "hessian_tolerance": hessian_tolerance, "seed": seed,
                       "analyses": analyses}}
 
   label_noise = float(run.config.get("label_noise", 0) or 0)
@@ -125,7 +126,8 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
     out["hessian"] = {**analysis.hessian_top_eigenvalue(batch_loss, final["params"],
                                                         loss_batches,
                                                         key=jax.random.fold_in(key, 3),
-                                                        iterations=hessian_iterations),
+                                                        iterations=hessian_iterations,
+                                                        tolerance=hessian_tolerance),
                       "examples": examples}
   if "hessian_folded" in analyses:
     # Invariant to how each layer's scale is split between its kernel and its BatchNorm.
@@ -134,7 +136,8 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
     folded_loss, theta = analysis.folded_classification_loss(model, final, layers)
     out["hessian_folded"] = {**analysis.hessian_top_eigenvalue(folded_loss, theta, loss_batches,
                                                                key=jax.random.fold_in(key, 4),
-                                                               iterations=hessian_iterations),
+                                                               iterations=hessian_iterations,
+                                                        tolerance=hessian_tolerance),
                              "examples": examples}
 
   if "robustness" in analyses:
@@ -183,6 +186,7 @@ def summary(result: dict) -> str:
 
 def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches: int,
                     power_iterations: int, hessian_iterations: int, seed: int,
+                    hessian_tolerance: float = 0.0,
                     data_dir: str | None = None) -> tuple[dict, str]:
   """Analyzes the finished run in `workdir`; writes and returns (analysis, its path).
 
@@ -201,7 +205,8 @@ def analyze_workdir(workdir: str, *, noise_scales, analyses, draws: int, batches
   train_ds, test_ds = load_datasets(config)
   result = analyze(run, model, train_ds, test_ds, noise_scales=noise_scales, draws=draws,
                    batches=batches, power_iterations=power_iterations,
-                   hessian_iterations=hessian_iterations, analyses=analyses, seed=seed)
+                   hessian_iterations=hessian_iterations, analyses=analyses, seed=seed,
+                   hessian_tolerance=hessian_tolerance)
   path = workdir_lib.path(workdir, workdir_lib.ANALYSIS_FILE)
   workdir_lib.write_json_atomically(path, result)
   return result, str(path)

@@ -15,7 +15,8 @@ writes RUN/analysis.json with (all in eval mode, float32):
   flatness      training-loss increase under relative Gaussian weight noise per noise scale
                 (`--noise_scales`, `--draws`), over the first `--batches` training batches
   hessian       top Hessian eigenvalue of that training loss w.r.t. the params
-                (`--hessian_iterations`)
+                (at most `--hessian_iterations`, stopping once the estimate's relative change
+                is below `--hessian_tolerance`)
   hessian_folded  the same w.r.t. the BN-folded parameters (each BatchNorm folded into its
                 conv/dense): invariant to rescaling a kernel followed by BatchNorm
   robustness    test accuracy with each unit in turn reset to its values at initialization
@@ -47,7 +48,12 @@ _BATCHES = flags.DEFINE_integer("batches", DEFAULTS["batches"],
 _POWER_ITERATIONS = flags.DEFINE_integer("power_iterations", DEFAULTS["power_iterations"],
                                          "Power iterations per conv spectral norm.")
 _HESSIAN_ITERATIONS = flags.DEFINE_integer("hessian_iterations", DEFAULTS["hessian_iterations"],
-                                           "Power iterations of the top Hessian eigenvalue.")
+                                           "Power iterations of the top Hessian eigenvalue "
+                                           "(at most).")
+_HESSIAN_TOLERANCE = flags.DEFINE_float(
+    "hessian_tolerance", DEFAULTS["hessian_tolerance"], "Stop the Hessian power iteration "
+    "once the eigenvalue's relative change is below this; 0: run all iterations.",
+    lower_bound=0.0)
 _ANALYSES = flags.DEFINE_list("analyses", list(ANALYSES), "Which analyses to run.")
 _SEED = flags.DEFINE_integer("seed", DEFAULTS["seed"],
                              "Seed of the noise draws and power-iteration starts.")
@@ -88,6 +94,7 @@ def analyze_from_flags(workdir: str) -> tuple[dict, str]:
                                       draws=_DRAWS.value, batches=_BATCHES.value,
                                       power_iterations=_POWER_ITERATIONS.value,
                                       hessian_iterations=_HESSIAN_ITERATIONS.value,
+                                      hessian_tolerance=_HESSIAN_TOLERANCE.value,
                                       seed=_SEED.value, data_dir=_DATA_DIR.value)
 
 

@@ -255,6 +255,12 @@ def test_hessian_top_eigenvalue_matches_jax_hessian():
   out = analysis.hessian_top_eigenvalue(batch_loss, variables["params"], batches,
                                         key=jax.random.key(0), iterations=200)
   np.testing.assert_allclose(out["eigenvalue"], exact, rtol=1e-3)
+  assert out["iterations"] == 200
+  # With a tolerance it stops once the estimate settles: fewer products, the same eigenvalue.
+  early = analysis.hessian_top_eigenvalue(batch_loss, variables["params"], batches,
+                                          key=jax.random.key(0), iterations=200, tolerance=1e-5)
+  assert early["iterations"] < 200 and early["relative_change"] < 1e-5
+  np.testing.assert_allclose(early["eigenvalue"], exact, rtol=1e-3)
 
 
 # ------------------------------------------------------------------ the BN-folded parametrization
