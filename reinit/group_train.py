@@ -77,19 +77,6 @@ class GroupState:
   runs: TrainState
 
 
-@dataclasses.dataclass
-class GroupProgress:
-  """The group loop's position (as `train.Progress`), `stage_results` one list per run."""
-  stage: int = 0
-  step_in_stage: int = 0
-  global_step: int = 0
-  calibrations: int = 0
-  stage_results: list = dataclasses.field(default_factory=list)
-  resumed_from: list = dataclasses.field(default_factory=list)
-  train_s: float = 0.0
-  eval_s: float = 0.0
-
-
 # ---------------------------------------------------------------- data
 
 
@@ -452,7 +439,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     restored = workdir_lib.restore_latest(
         manager, workdir_lib.abstract(GroupState(jnp.zeros((), jnp.int32), states)))
     if restored is None:
-      progress = GroupProgress(stage_results=[[] for _ in seeds])
+      progress = train.Progress(stage_results=[[] for _ in seeds])  # a list per run
       for c, writer in zip(configs, writers):
         writer.write_hparams({k: v for k, v in workdir_lib.flat_config(c.to_dict()).items()
                               if isinstance(v, (int, float, str, bool))})
@@ -460,7 +447,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         workdir_lib.save_variables(w, "init", variables)
     else:
       group_state, saved = restored
-      states, progress = group_state.runs, GroupProgress(**saved)
+      states, progress = group_state.runs, train.Progress(**saved)
       progress.resumed_from = progress.resumed_from + [progress.global_step]
       logging.info("group resumed from step %d (stage %d)", progress.global_step,
                    progress.stage)
