@@ -24,8 +24,10 @@ def compare(root: str, other: str) -> list[dict]:
   """Rows of the comparison: the combination keys, method, seeds on each side, `within_noise`."""
   from reinit.report import runs as runs_lib  # pylint: disable=g-import-not-at-top
   from reinit.report import stats  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # pylint: disable=g-import-not-at-top
   a, b = runs_lib.load_runs(root), runs_lib.load_runs(other)
-  keys = runs_lib.KEYS + ["method"]
+  # The report's combination keys (label_noise too where runs differ in it), over both trees.
+  keys = runs_lib.keys(pd.concat([a, b])) + ["method"]
   rows = []
   groups_b = {k: g for k, g in b.groupby(keys)}
   for key, group in a.groupby(keys):
@@ -43,7 +45,8 @@ def markdown(rows: list[dict], root: str, other: str) -> str:
            "| dataset | model | train examples | method | seeds | mean | other mean | Δ | "
            "bound | agree |", "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
   for r in rows:
-    lines.append(f"| {r['dataset']} | {r['model']} | {r['train_examples']} | {r['method']} | "
+    method = r["method"] + (f" (label_noise {r['label_noise']})" if "label_noise" in r else "")
+    lines.append(f"| {r['dataset']} | {r['model']} | {r['train_examples']} | {method} | "
                  f"{r['seeds']} / {r['other_seeds']} | {100 * r['mean']:.2f} | "
                  f"{100 * r['other_mean']:.2f} | {100 * r['difference']:+.2f} | "
                  f"{100 * r['bound']:.2f} | {'yes' if r['agree'] else 'NO'} |")

@@ -56,6 +56,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = sweep.config_flag_parts()
+  sweep.check_runs_per_program(flags.FLAGS.runs_per_program)
   root = flags.FLAGS.workdir
   if flags.FLAGS.scheduler == "slurm" and not flags.FLAGS.dry_run:
     finished, failed = sweep.slurm_sweep(config_path, arg, cli_overrides, root,

@@ -134,7 +134,12 @@ def summary_table(rows: list[dict]) -> str:
 
 def program_groups(configs: list, runs_per_program: int = 0) -> list[list[int]]:
   """Indices of the runs trained together: runs whose configs differ only in `seed`, in the
-  order they first appear, cut into groups of at most `runs_per_program` (0: no cap)."""
+  order they first appear, cut into groups of at most `runs_per_program` (0: no cap).
+
+  Raises ValueError (one line) for a negative `runs_per_program`."""
+  if runs_per_program < 0:
+    raise ValueError(f"runs_per_program={runs_per_program} is invalid; accepted: 0 (all seeds of "
+                     "a combination) or a positive integer")
   from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   by_combination: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
@@ -200,8 +205,9 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
 
 def _run_grouped(groups: list[list], root: str) -> list:
   """`run_sweep` of runs trained as groups: each group's unfinished runs as one program
-  (`group_train.train_group`, also when one is left: a run's numbers do not depend on which
-  other seeds share its program)."""
+  (`group_train.train_group`, also when one is left: a run's data order, augmentation and
+  draws do not depend on which other seeds share its program; its numbers only to float
+  rounding)."""
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
   progress = common.Progress(sum(len(group) for group in groups))
@@ -287,9 +293,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = config_flag_parts()
   check_sharding(_TASK_INDEX.value, _NUM_TASKS.value)
-  if _RUNS_PER_PROGRAM.value < 0:
-    common.fail(f"runs_per_program={_RUNS_PER_PROGRAM.value} is invalid; accepted: 0 (all "
-                "seeds of a combination) or a positive integer")
+  check_runs_per_program(_RUNS_PER_PROGRAM.value)
   failed = []
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
@@ -305,6 +309,14 @@ def main(argv):
   if failed:
     common.fail(f"{len(failed)} runs failed; their logs: "
                 f"{', '.join(path for _, _, path in failed)}", status=1)
+
+
+def check_runs_per_program(value: int) -> None:
+  """Exits with one line on a negative --runs_per_program."""
+  try:
+    program_groups([], value)
+  except ValueError as e:
+    common.fail(str(e))
 
 
 def check_sharding(task_index: int, num_tasks: int) -> None:

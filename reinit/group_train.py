@@ -26,6 +26,7 @@ calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
 import copy
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import time
@@ -303,9 +304,13 @@ def _stop_preempted(manager, group_dir: str, step: int):
                         "run the same command again to resume", step)
 
 
-def group_dir_of(workdirs: Sequence[str]) -> str:
-  """The default group directory: next to the first run's workdir."""
-  return os.path.normpath(workdirs[0]) + GROUP_DIR_SUFFIX
+def group_dir_of(workdirs: Sequence[str], seeds: Sequence[int]) -> str:
+  """The default group directory: next to the first run's workdir, named by the group's seeds
+  (a group of other seeds, e.g. under another runs_per_program, never restores it)."""
+  seeds = [int(s) for s in seeds]
+  tag = ("-".join(map(str, seeds)) if len(seeds) <= 8 else
+         f"{len(seeds)}-" + hashlib.sha1(repr(seeds).encode()).hexdigest()[:10])
+  return f"{os.path.normpath(workdirs[0])}.seeds={tag}{GROUP_DIR_SUFFIX}"
 
 
 def out_of_memory_error(error: Exception, num_runs: int):
@@ -333,7 +338,7 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     config: a `configs/benchmark.py` config (its `seed` is replaced by each of `seeds`).
     seeds: R distinct seeds.
     workdirs: R run directories, one per seed (claimed as single runs claim theirs).
-    group_dir: the group's checkpoints; default `group_dir_of(workdirs)`.
+    group_dir: the group's checkpoints; default `group_dir_of(workdirs, seeds)`.
     over_runs: 'vmap' or 'map' (`groups.group_train_loop`: on CPU with conv='xla', vmapped
       convolutions become grouped ones, several times slower than the runs one by one).
     checkpoint_interval_s: stage ends checkpoint the group only when this many seconds passed
@@ -408,19 +413,29 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   augmentation = _augmentation(config, info.image_shape)
   learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
 
-  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it).
+  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it;
+  # a resume that cuts other windows, e.g. after log_every_steps changed, compiles its own).
   lengths = sorted({n for lrs in learning_rates
                     for _, n in _windows(len(lrs), config.log_every_steps)})
-  compile_start = time.perf_counter()
   optimizer = optimizer_fields(config)
-  loops = {n: _window_loop(model, optimizer, plan.optimizer, info.num_classes,
-                           config.label_smoothing, n, config.batch_size, over_runs,
-                           tuple(augmentation.items())).lower(
-      states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
-      members).compile() for n in lengths}
+
+  class Loops(dict):
+    def __missing__(self, n):
+      self[n] = _window_loop(model, optimizer, plan.optimizer, info.num_classes,
+                             config.label_smoothing, n, config.batch_size, over_runs,
+                             tuple(augmentation.items())).lower(
+          states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
+          members).compile()
+      return self[n]
+
+  compile_start = time.perf_counter()
+  loops = Loops()
+  for n in lengths:
+    loops[n]  # pylint: disable=pointless-statement
   compile_s = time.perf_counter() - compile_start
   n0 = lengths[0]
-  train_step_flops = flops(loops[n0]) / (num_runs * n0)  # one run's step
+  # One run's step: XLA counts one device's share of the program (runs spread over devices).
+  train_step_flops = flops(loops[n0]) * mesh.size / (num_runs * n0)
   eval_test = _group_eval_step(model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(model, info.num_classes, shared_batches=False)
   stage_start = _stage_start(model, tx, plan, info.image_shape,
@@ -431,7 +446,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
              for w in workdirs]
-  group_dir = group_dir or group_dir_of(workdirs)
+  group_dir = group_dir or group_dir_of(workdirs, seeds)
   manager = workdir_lib.checkpoint_manager(group_dir, min_interval_s=checkpoint_interval_s or None)
   # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
   notice = preemption.Notice()
@@ -457,6 +472,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                   dataclasses.asdict(progress), force=force)
 
     every = config.checkpoint_every_steps
+    must_save = False  # a checkpoint step or a preemption fell in the stage's last window
     for k in range(progress.stage, plan.num_stages):
       if progress.step_in_stage == 0 and k > 0:
         unit = plan.calibrated_unit(k)
@@ -492,6 +508,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         preempted = notice.reached(progress.global_step)
         if (at_checkpoint or preempted) and not last:
           save()
+        must_save = must_save or ((at_checkpoint or preempted) and last)
         if preempted and not last:
           _stop_preempted(manager, group_dir, progress.global_step)
       progress.train_s += time.perf_counter() - train_start
@@ -515,8 +532,10 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
             "test/accuracy": tests[i]["accuracy"], "test/loss": tests[i]["loss"],
             "train_eval/accuracy": trains[i]["accuracy"], "train_eval/loss": trains[i]["loss"]})
       progress.stage, progress.step_in_stage = k + 1, 0
-      # Stage ends: forced without an interval; otherwise as the manager's policy says.
-      save(force=not checkpoint_interval_s)
+      # Stage ends: forced without an interval, at a checkpoint step or on preemption;
+      # otherwise as the manager's policy says.
+      save(force=not checkpoint_interval_s or must_save or notice.signal is not None)
+      must_save = False
       if k + 1 < plan.num_stages and notice.signal is not None:
         _stop_preempted(manager, group_dir, progress.global_step)
   finally:
@@ -537,6 +556,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     run = types.SimpleNamespace(config=c, plan=plan, learning_rates=learning_rates, steps=steps)
     result = train._results(run, datas[i].info, units, share, wall_s / num_runs)  # pylint: disable=protected-access
     result["time_s"]["compile"] = compile_s / num_runs
+    result["devices"] = mesh.size  # the group's (one run a device when spread)
     workdir_lib.save_variables(w, "final", jax.tree.map(lambda x, i=i: x[i], states.variables))
     if jax.process_index() == 0:
       workdir_lib.write_json_atomically(workdir_lib.path(w, train.RESULTS_FILE), result)

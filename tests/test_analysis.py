@@ -251,6 +251,10 @@ def test_hessian_top_eigenvalue_matches_jax_hessian():
   vector = jax.random.normal(jax.random.key(4), flat.shape)
   hv = analysis.hessian_vector_product(batch_loss, variables["params"], batches, unravel(vector))
   np.testing.assert_allclose(ravel_pytree(hv)[0], hessian @ vector, rtol=1e-4, atol=1e-6)
+  # Batches of different sizes (no padding): the same product.
+  ragged = [{"image": x[:5], "label": labels[:5]}, {"image": x[5:], "label": labels[5:]}]
+  hv = analysis.hessian_vector_product(batch_loss, variables["params"], ragged, unravel(vector))
+  np.testing.assert_allclose(ravel_pytree(hv)[0], hessian @ vector, rtol=1e-4, atol=1e-6)
   exact = np.linalg.eigvalsh(np.asarray(hessian, np.float64))[-1]
   out = analysis.hessian_top_eigenvalue(batch_loss, variables["params"], batches,
                                         key=jax.random.key(0), iterations=200)

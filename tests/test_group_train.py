@@ -218,6 +218,28 @@ def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, 
     assert _comparable(result) == _comparable(expected)
 
 
+def test_sigterm_in_a_stages_last_window_checkpoints_its_end_despite_the_interval(
+    unbroken, tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  config, (_, unbroken_results) = unbroken
+  real, calls = group_train._train_window, [0]  # pylint: disable=protected-access
+
+  def signalling(*args):
+    calls[0] += 1
+    if calls[0] == 3:  # stage 0's last window (steps 4..6)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+  monkeypatch.setattr(group_train, "_train_window", signalling)
+  with pytest.raises(train.Preempted) as stopped:  # an hour's interval would skip step 6
+    _group(config, str(tmp_path), "g", SEEDS[:2], checkpoint_interval_s=3600)
+  assert stopped.value.step == 6
+  monkeypatch.undo()
+  _, results = _group(config, str(tmp_path), "g", SEEDS[:2], checkpoint_interval_s=3600)
+  for result, expected in zip(results, unbroken_results):
+    assert result["resumed_from"] == [6]
+    assert _comparable(result) == _comparable(expected)
+
+
 def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
   # Three stages, LW calibrating a different unit after each switch: from the last window of
   # stage 1 to the last of stage 2 (stage 1's evaluation and checkpoint, stage 2's switch,
@@ -254,7 +276,7 @@ def test_stage_end_checkpoints_follow_the_interval(data_dir, tmp_path):
   config = _config(data_dir, num_stages=3)
   for interval, expected in ((3600, [3]), (0, [3, 6, 9])):
     workdirs, _ = _group(config, str(tmp_path), f"i{interval}", SEEDS[:2], interval)
-    manager = ocp.CheckpointManager(os.path.join(group_train.group_dir_of(workdirs),
+    manager = ocp.CheckpointManager(os.path.join(group_train.group_dir_of(workdirs, SEEDS[:2]),
                                                  workdir_lib.CHECKPOINT_DIR))
     assert manager.all_steps() == expected
 
@@ -273,6 +295,8 @@ def test_program_groups_join_runs_differing_only_in_seed():
   assert sweep.program_groups(configs, 8) == [[0, 2, 3, 5], [1], [4]]
   assert sweep.program_groups(configs, 1) == [[i] for i in [0, 2, 3, 5, 1, 4]]
   assert sweep.program_groups(configs, 0) == [[0, 2, 3, 5], [1], [4]]  # 0: no cap
+  with pytest.raises(ValueError, match="runs_per_program=-1 is invalid"):
+    sweep.program_groups(configs, -1)
 
 
 _SWEEP_CONFIG = """
@@ -299,7 +323,8 @@ def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
   # The two LW seeds trained as one group (its checkpoints next to the first's workdir), the
   # baseline as a group of one (a grouped sweep's numbers do not depend on group sizes).
   group_dirs = sorted(p.name for p in root.iterdir() if p.name.endswith(".group"))
-  assert group_dirs == ["method=baseline,seed=0.group", "method=lw,seed=0.group"]
+  assert group_dirs == ["method=baseline,seed=0.seeds=0.group",
+                        "method=lw,seed=0.seeds=0-1.group"]
   assert not (root / "method=baseline,seed=0" / "checkpoints").exists()
   # Started again, every run is finished: nothing trains.
   again = sweep.run_sweep(str(config_path), None, overrides, str(root))

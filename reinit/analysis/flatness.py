@@ -159,13 +159,21 @@ def hessian_vector_product(batch_loss: BatchLoss, params: PyTree, batches: Seque
   """H v for the mean loss over `batches`, H its Hessian w.r.t. `params` (forward-over-reverse:
   `jax.jvp` of `jax.grad`), summed batch by batch. `vector` has the structure of `params`."""
   stacked, count = _stacked(batches, batch_loss, params)
+  if stacked is None:  # batches of different shapes: one program per batch
+    total = None
+    for batch in batches:
+      hv, _ = _batch_hvp(batch_loss, params, batch, vector)
+      total = hv if total is None else otu.tree_add(total, hv)
+    return otu.tree_scale(1.0 / count, total)
   return _summed_hvp(batch_loss, params, stacked, vector, jnp.float32(1.0 / count))
 
 
 def _stacked(batches: Sequence[dict], batch_loss: BatchLoss, params: PyTree
-             ) -> tuple[dict, float]:
-  """The batches stacked on a leading axis, and the examples they count (a Python float)."""
-  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+             ) -> tuple[dict | None, float]:
+  """The batches stacked on a leading axis (None if their shapes differ), and the examples
+  they count (a Python float)."""
+  shapes = {tuple((k, np.shape(v)) for k, v in sorted(batch.items())) for batch in batches}
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches) if len(shapes) == 1 else None
   count = sum(float(batch_loss(params, batch)[1]) for batch in batches)
   return stacked, count
 
@@ -222,7 +230,8 @@ def hessian_top_eigenvalue(batch_loss: BatchLoss, params: PyTree, batches: Seque
   # Each iteration is three compiled calls (the products over all batches, <v, Hv> and ||Hv||,
   # the scaling): eager tree arithmetic cost ~0.1 s an iteration in dispatches.
   for done in range(1, iterations + 1):
-    hv = _summed_hvp(batch_loss, params, stacked, v, inverse_count)
+    hv = (hessian_vector_product(batch_loss, params, batches, v) if stacked is None else
+          _summed_hvp(batch_loss, params, stacked, v, inverse_count))
     rayleigh, norm = _rayleigh_and_norm(v, hv)
     previous, estimate = estimate, float(rayleigh)
     norm = float(norm)
