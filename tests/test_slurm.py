@@ -2,7 +2,7 @@
 
 Needs a reachable Slurm (`launch/slurm/local_cluster.sh up` starts a single-node one; CI does);
 skipped with the reason otherwise. One scenario, shared by the tests below (module fixture):
-the sequential `launch.reproduce` (reference) and, at the same time, the sweep submitted as an
+the sequential `launch.reproduce --runs_per_program=1` (reference) and, at the same time, the sweep submitted as an
 array with two tasks at a time; the third task is cancelled while it waits; the second gets, in
 the middle of its training, the signal Slurm sends before a time limit. Then `launch.reproduce
 --scheduler=slurm` submits what is unfinished (the third run), which an administrator requeues
@@ -171,7 +171,9 @@ def _scenario(tmp: pathlib.Path) -> dict:
   subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data.digits; "
                   f"tfds.builder('digits', data_dir='{data_dir}').download_and_prepare()"],
                  cwd=REPO, check=True, capture_output=True, timeout=300)
-  sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir),
+  # One run per program, as each array task runs (grouped runs draw their batches on device).
+  sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir,
+                                               "--runs_per_program=1"),
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
   arr = tmp / "arr"
