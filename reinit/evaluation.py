@@ -74,11 +74,21 @@ def evaluate(eval_step, variables: PyTree, batches) -> dict[str, float]:
   Under label noise also `memorized` (fraction of corrupted examples fitted to their wrong
   label) and `clean_accuracy`.
   """
+  return summary(merged(eval_step, variables, batches))
+
+
+def merged(eval_step, variables: PyTree, batches) -> EvalMetrics:
+  """The eval step's metrics merged over `batches`, on the host (numpy totals)."""
   totals = None
   for batch in batches:
     metrics = eval_step(variables, batch)
     totals = metrics if totals is None else totals.merge(metrics)
-  totals = jax.device_get(totals)
+  return jax.device_get(totals)
+
+
+def summary(totals: EvalMetrics) -> dict[str, float]:
+  """`evaluate`'s dict of merged metrics: accuracy, mean loss, example count (and under label
+  noise `memorized` and `clean_accuracy`)."""
   out = {"accuracy": _mean(totals.accuracy), "loss": _mean(totals.loss),
          "examples": int(totals.accuracy.count)}
   if isinstance(totals, NoisyEvalMetrics) and int(totals.memorized.count):

@@ -181,22 +181,9 @@ def _train_window(loop, states, images, labels, keys, learning_rates, members):
 
 def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
   """`evaluation.evaluate` of each run: metrics merged over batches, per-run totals read."""
-  totals = None
-  for batch in batches:
-    metrics = eval_step(variables, batch)
-    totals = metrics if totals is None else totals.merge(metrics)
-  totals = jax.device_get(totals)
-  out = []
-  for i in range(num_runs):
-    run = jax.tree.map(lambda x, i=i: np.asarray(x)[i], totals)
-    result = {"accuracy": evaluation._mean(run.accuracy),  # pylint: disable=protected-access
-              "loss": evaluation._mean(run.loss),  # pylint: disable=protected-access
-              "examples": int(run.accuracy.count)}
-    if isinstance(run, evaluation.NoisyEvalMetrics) and int(run.memorized.count):
-      result |= {"memorized": evaluation._mean(run.memorized),  # pylint: disable=protected-access
-                 "clean_accuracy": evaluation._mean(run.clean_accuracy)}  # pylint: disable=protected-access
-    out.append(result)
-  return out
+  totals = evaluation.merged(eval_step, variables, batches)
+  return [evaluation.summary(jax.tree.map(lambda x, i=i: np.asarray(x)[i], totals))
+          for i in range(num_runs)]
 
 
 # The window loop and eval steps are jitted once per process for what they close over (the
@@ -247,7 +234,7 @@ def runs_mesh(devices: int) -> jax.sharding.Mesh:
 
 
 def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
-                 augmentation: dict):
+                 augmentation: dict, sharding: NamedSharding):
   """The start of a stage of every run, as one program: the plan's switch, the calibration of
   the stage's unit (if any) on the run's next calibration batches, the optimizer policy.
 
@@ -255,7 +242,9 @@ def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_si
   members, images, labels) -> states`: k (the stage) and `branch` (0: no calibration; i: the
   i-th of `calibrated_units(plan)`) are traced and shared by the runs, so one compile serves
   every stage of every run (a single run compiles its calibration once per unit). `first` is
-  the position of the calibration batches in each run's calibration stream.
+  the position of the calibration batches in each run's calibration stream. Every leaf of
+  the result is placed by `sharding` (the runs' axis): the compiled loop takes them so, and
+  XLA would place leaves it computes from constants (standardization flags) replicated.
   """
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   units = calibrated_units(plan)
@@ -284,7 +273,8 @@ def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_si
       opt_state = transforms.reset_opt_state(state.opt_state, switched.touched)
     return TrainState(state.step, variables, opt_state, switched.memory)
 
-  return rarely_run_jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, None, 0, None, None)))
+  return rarely_run_jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, None, 0, None, None)),
+                        out_shardings=sharding)
 
 
 def calibrated_units(plan) -> list[str]:
@@ -440,7 +430,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   eval_train = _group_eval_step(model, info.num_classes, shared_batches=False)
   stage_start = _stage_start(model, tx, plan, info.image_shape,
                              reset_optimizer=config.reset_optimizer,
-                             batch_size=config.batch_size, augmentation=augmentation)
+                             batch_size=config.batch_size, augmentation=augmentation,
+                             sharding=by_run)
   units_calibrated = calibrated_units(plan)
 
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -478,11 +469,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         unit = plan.calibrated_unit(k)
         branch = 0 if unit is None else units_calibrated.index(unit) + 1
         first = 0 if unit is None else progress.calibrations * plan.calibration.batches
-        # Placed again: XLA may place leaves it computes from constants (standardization
-        # flags) replicated, and the compiled loop takes every leaf spread over the runs.
-        states = jax.device_put(stage_start(
-            jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys, calibration_keys,
-            jnp.int32(first), members, images, labels), by_run)
+        states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys,
+                             calibration_keys, jnp.int32(first), members, images, labels)
         progress.calibrations += unit is not None
       lrs = learning_rates[k]
       train_start = time.perf_counter()
@@ -517,20 +505,10 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       trains = _eval_group(eval_train, states.variables, train_batches, num_runs)
       progress.eval_s += time.perf_counter() - eval_start
       for i, (test, tr) in enumerate(zip(tests, trains)):
-        progress.stage_results[i].append({
-            "stage": k, "epochs": plan.epochs[k], "steps": len(lrs),
-            "learning_rate": plan.learning_rates[k],
-            "train_accuracy": tr["accuracy"], "train_loss": tr["loss"],
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "test_examples": test["examples"],
-            **{f"train_{name}": tr[name] for name in ("memorized", "clean_accuracy")
-               if name in tr}})
+        progress.stage_results[i].append(train.stage_record(plan, learning_rates, k, test, tr))
+        writers[i].write_scalars(progress.global_step, train.eval_scalars(test, tr))
       logging.info("group stage %d/%d: mean test accuracy %.4f", k + 1, plan.num_stages,
                    np.mean([t["accuracy"] for t in tests]))
-      for i, writer in enumerate(writers):
-        writer.write_scalars(progress.global_step, {
-            "test/accuracy": tests[i]["accuracy"], "test/loss": tests[i]["loss"],
-            "train_eval/accuracy": trains[i]["accuracy"], "train_eval/loss": trains[i]["loss"]})
       progress.stage, progress.step_in_stage = k + 1, 0
       # Stage ends: forced without an interval, at a checkpoint step or on preemption;
       # otherwise as the manager's policy says.
@@ -548,6 +526,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   wall_s = time.perf_counter() - start_time
   steps = types.SimpleNamespace(train_step_flops=train_step_flops, compile_s=compile_s)
   results = []
+  finals = groups.unstack(states.variables, num_runs)
   for i, (c, w) in enumerate(zip(configs, workdirs)):
     # The group's times shared equally by its runs (each run's share of the program).
     share = train.Progress(stage_results=progress.stage_results[i],
@@ -557,7 +536,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     result = train._results(run, datas[i].info, units, share, wall_s / num_runs)  # pylint: disable=protected-access
     result["time_s"]["compile"] = compile_s / num_runs
     result["devices"] = mesh.size  # the group's (one run a device when spread)
-    workdir_lib.save_variables(w, "final", jax.tree.map(lambda x, i=i: x[i], states.variables))
+    workdir_lib.save_variables(w, "final", finals[i])
     if jax.process_index() == 0:
       workdir_lib.write_json_atomically(workdir_lib.path(w, train.RESULTS_FILE), result)
     results.append(result)

@@ -194,21 +194,30 @@ def evaluate_stage(run: _Run, k: int, state: TrainState, progress: Progress,
     test, train = (evaluation.evaluate(run.steps.eval_step, state.variables, eval_sets[name])
                    for name in ("test", "train"))
   progress.eval_s += time.perf_counter() - start
-  run.writer.write_scalars(progress.global_step, {
-      "test/accuracy": test["accuracy"], "test/loss": test["loss"],
-      "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]})
-  progress.stage_results.append({
-      "stage": k, "epochs": run.plan.epochs[k], "steps": len(run.learning_rates[k]),
-      "learning_rate": run.plan.learning_rates[k],
+  run.writer.write_scalars(progress.global_step, eval_scalars(test, train))
+  progress.stage_results.append(stage_record(run.plan, run.learning_rates, k, test, train))
+  logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
+               run.plan.num_stages, train["accuracy"], test["accuracy"])
+
+
+def eval_scalars(test: dict, train: dict) -> dict[str, float]:
+  """The summaries of a stage end's evaluation (`evaluation.evaluate` dicts)."""
+  return {"test/accuracy": test["accuracy"], "test/loss": test["loss"],
+          "train_eval/accuracy": train["accuracy"], "train_eval/loss": train["loss"]}
+
+
+def stage_record(plan: methods.Plan, learning_rates, k: int, test: dict, train: dict) -> dict:
+  """Stage k's entry of `results.json`'s `stages`, from its test and train evaluations."""
+  return {
+      "stage": k, "epochs": plan.epochs[k], "steps": len(learning_rates[k]),
+      "learning_rate": plan.learning_rates[k],
       "train_accuracy": train["accuracy"], "train_loss": train["loss"],
       "test_accuracy": test["accuracy"], "test_loss": test["loss"],
       "test_examples": test["examples"],
       # Under label noise: the fraction of corrupted training examples fitted to their wrong
       # label, and the accuracy on the clean ones.
       **{f"train_{name}": train[name] for name in ("memorized", "clean_accuracy")
-         if name in train}})
-  logging.info("stage %d/%d: train accuracy %.4f, test accuracy %.4f", k + 1,
-               run.plan.num_stages, train["accuracy"], test["accuracy"])
+         if name in train}}
 
 
 def _start_stage(run: _Run, k: int, state: TrainState, progress: Progress,
