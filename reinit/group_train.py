@@ -163,12 +163,18 @@ def _test_batches(data, config, sharding) -> list[dict]:
 # ---------------------------------------------------------------- the group's functions
 
 
-def _windows(steps: int, every: int, start: int = 0) -> list[tuple[int, int]]:
-  """(first step, length) of the logging windows of a stage of `steps` from `start`: they end
-  at multiples of `every` and at the stage end, whatever `start` is (so resumes cut the same)."""
+def _windows(steps: int, every: int, start: int = 0, *, offset: int = 0,
+             checkpoint_every: int = 0) -> list[tuple[int, int]]:
+  """(first step, length) of the windows of a stage of `steps` from `start`: they end at the
+  logging steps (multiples of `every` in the stage), at the stage end and, with
+  `checkpoint_every` > 0, where the global step (`offset` + step in the stage) is a multiple of
+  it, so that a group checkpoints the steps a single run does; whatever `start` is (resumes cut
+  the same)."""
   out, i = [], start
   while i < steps:
     end = min(steps, (i // every + 1) * every)
+    if checkpoint_every > 0:
+      end = min(end, ((offset + i) // checkpoint_every + 1) * checkpoint_every - offset)
     out.append((i, end - i))
     i = end
   return out
@@ -405,8 +411,10 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
 
   # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it;
   # a resume that cuts other windows, e.g. after log_every_steps changed, compiles its own).
-  lengths = sorted({n for lrs in learning_rates
-                    for _, n in _windows(len(lrs), config.log_every_steps)})
+  stage_offsets = np.cumsum([0] + [len(lrs) for lrs in learning_rates])
+  lengths = sorted({n for lrs, offset in zip(learning_rates, stage_offsets)
+                    for _, n in _windows(len(lrs), config.log_every_steps, offset=int(offset),
+                                         checkpoint_every=config.checkpoint_every_steps)})
   optimizer = optimizer_fields(config)
 
   class Loops(dict):
@@ -474,7 +482,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         progress.calibrations += unit is not None
       lrs = learning_rates[k]
       train_start = time.perf_counter()
-      for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage):
+      for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage,
+                                    offset=int(stage_offsets[k]), checkpoint_every=every):
         states, metrics = _train_window(loops[length], states, images, labels, data_keys,
                                         jnp.asarray(lrs[first:first + length]), members)
         losses = np.asarray(metrics["loss"]).mean(axis=1)

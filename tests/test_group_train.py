@@ -117,7 +117,8 @@ def _kill_after(monkeypatch, windows: int):
 @pytest.fixture(scope="module")
 def unbroken(data_dir, tmp_path_factory):
   root = str(tmp_path_factory.mktemp("unbroken"))
-  # 3 steps per epoch, 6 per stage; windows of 2 steps; checkpoints at steps 4, 6, 10 and 12.
+  # 3 steps per epoch, 6 per stage; windows of 2 steps cut at the checkpoint steps 3, 6, 9, 12:
+  # 4 windows a stage, steps 0-2, 2-3, 3-4, 4-6 of it.
   config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
   return config, _group(config, root, "g", SEEDS[:2])
 
@@ -127,9 +128,9 @@ def _comparable(result):
           if k not in ("time_s", "wall_time_s", "resumed_from", "provenance")}
 
 
-# Killed in stage 0 after the checkpoint of step 4; right after the stage-0 end (step 6: the
-# switch and calibration run again); in stage 1 after the checkpoint of step 10.
-@pytest.mark.parametrize("windows,resumed_at", [(2, 4), (3, 6), (5, 10)])
+# Killed in stage 0 one window after the checkpoint of step 3; right after the stage-0 end
+# (step 6: the switch and calibration run again); in stage 1 one window after that of step 9.
+@pytest.mark.parametrize("windows,resumed_at", [(3, 3), (4, 6), (7, 9)])
 def test_resumed_group_equals_unbroken(unbroken, tmp_path, monkeypatch, windows, resumed_at):
   config, (unbroken_dirs, unbroken_results) = unbroken
   _kill_after(monkeypatch, windows)
@@ -167,19 +168,30 @@ def test_group_killed_by_sigkill_resumes_exactly(unbroken, data_dir, tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   config, (unbroken_dirs, unbroken_results) = unbroken
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  script = _KILLED_GROUP.format(root=root, windows=5, data_dir=data_dir, workdir=str(tmp_path))
+  script = _KILLED_GROUP.format(root=root, windows=6, data_dir=data_dir, workdir=str(tmp_path))
   killed = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
                           text=True, check=False, env={**os.environ, "PYTHONPATH": root})
   assert killed.returncode == -9, killed.stderr[-2000:]
   workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
   for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
                                                      unbroken_results):
-    # Killed right after the save of step 10 was issued: orbax writes it in the background,
+    # Killed right after the save of step 9 was issued: orbax writes it in the background,
     # so the kill may cut it; the group then resumes from the stage end before (step 6).
-    assert result["resumed_from"] in ([10], [6])
+    assert result["resumed_from"] in ([9], [6])
     assert _comparable(result) == _comparable(expected)
     jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
                  _variables(expected_dir, "final"))
+
+
+def test_windows_end_at_logging_steps_stage_ends_and_global_checkpoint_steps():
+  windows = group_train._windows  # pylint: disable=protected-access
+  assert windows(7, 3) == [(0, 3), (3, 3), (6, 1)]
+  assert windows(7, 3, start=4) == [(4, 2), (6, 1)]  # a resume cuts as the unbroken run
+  # Stage 1 of 6-step stages (global steps 6..12), checkpoints every 3 global steps.
+  assert windows(6, 2, offset=6, checkpoint_every=3) == [(0, 2), (2, 1), (3, 1), (4, 2)]
+  # A stage from global step 10, checkpoints every 50 (global 50 and 100: stage steps 40, 90).
+  assert windows(100, 20, offset=10, checkpoint_every=50) == [
+      (0, 20), (20, 20), (40, 20), (60, 20), (80, 10), (90, 10)]
 
 
 def test_union_of_subsets_keeps_each_runs_examples_in_order():
@@ -204,7 +216,7 @@ def test_sigterm_checkpoints_the_window_and_resumes_exactly(unbroken, tmp_path, 
 
   def signalling(*args):
     calls[0] += 1
-    if calls[0] == 4:  # during stage 1's first window (steps 6..8)
+    if calls[0] == 5:  # during stage 1's first window (steps 6..8)
       os.kill(os.getpid(), signal.SIGTERM)
     return real(*args)
   monkeypatch.setattr(group_train, "_train_window", signalling)
@@ -226,7 +238,7 @@ def test_sigterm_in_a_stages_last_window_checkpoints_its_end_despite_the_interva
 
   def signalling(*args):
     calls[0] += 1
-    if calls[0] == 3:  # stage 0's last window (steps 4..6)
+    if calls[0] == 4:  # stage 0's last window (steps 4..6)
       os.kill(os.getpid(), signal.SIGTERM)
     return real(*args)
   monkeypatch.setattr(group_train, "_train_window", signalling)
