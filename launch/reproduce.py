@@ -60,9 +60,10 @@ def main(argv):
   root = flags.FLAGS.workdir
   if flags.FLAGS.scheduler == "slurm" and not flags.FLAGS.dry_run:
     finished, failed = sweep.slurm_sweep(config_path, arg, cli_overrides, root,
-                                         sweep.slurm_options(), wait=True)
+                                         sweep.slurm_options(), wait=True,
+                                         runs_per_program=flags.FLAGS.runs_per_program)
     if failed:
-      common.fail(f"{len(failed)} runs failed, no report; their logs: "
+      common.fail(f"{len(failed)} programs failed, no report; their logs: "
                   f"{', '.join(path for _, _, path in failed)}; run the same command again to "
                   "resubmit them", status=1)
   else:

@@ -7,8 +7,10 @@ A config file with a sweep defines `get_sweep(arg) -> list[dict]`; each dict is 
 `dataset`, `model`, `method` go into the config argument (so dataset defaults follow them), the
 others override fields (`seed`, `lw.rescale`, ...). `--config.FIELD=VALUE` overrides apply to
 every run. Each run goes to `WORKDIR/<name>`; a run whose `results.json` exists is skipped, so
-a stopped sweep continues where it stopped. `--dry_run` prints the `launch.main` commands instead
-(for a cluster); runs in-process share compiled steps, which makes local sweeps faster.
+a stopped sweep continues where it stopped. Runs that differ only in `seed` train as one program
+(`--runs_per_program`, default all seeds of a combination; 1 = one `launch.main` per run).
+`--dry_run` prints the programs' commands instead (for a cluster): a program of several seeds
+is `launch.sweep ... --task_index=I --num_tasks=N`, program I of the sweep.
 
   python -m launch.sweep --config=configs/digits.py --workdir=runs/digits --scheduler=slurm \
     [--slurm.partition=P --slurm.time=4:00:00 --slurm.gpus_per_task=1 --slurm.max_parallel=8] \
@@ -16,10 +18,11 @@ a stopped sweep continues where it stopped. `--dry_run` prints the `launch.main`
   python -m launch.sweep --config=configs/paper.py:study=full --workdir=gs://B/runs \
     --task_index=I --num_tasks=N
 
-`--scheduler=slurm` submits the unfinished runs (not finished, not queued earlier) as one
-requeueable Slurm job array and prints its job id; `--wait` follows it to the end
-(`launch/slurm/array.py`). `--task_index/--num_tasks` run one share of the sweep (every N-th
-run from run I on), e.g. one per host of a TPU pod (`launch/tpu_pod.sh sweep`).
+`--scheduler=slurm` submits the unfinished programs (not finished, not queued earlier) as one
+requeueable Slurm job array, task I = program I, and prints its job id; `--wait` follows it to
+the end (`launch/slurm/array.py`). `--task_index/--num_tasks` run one share of the sweep's
+programs (every N-th from program I on), e.g. one per host of a TPU pod
+(`launch/tpu_pod.sh sweep`).
 """
 
 import dataclasses
@@ -54,9 +57,9 @@ _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the runs i with i 
                                    "== task_index (one host's share of a sweep).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
 _RUNS_PER_PROGRAM = flags.DEFINE_integer(
-    "runs_per_program", 0, "Local sweeps: runs that differ only in `seed` train as one program "
+    "runs_per_program", 0, "Runs that differ only in `seed` train as one program "
     "(reinit.group_train), at most R of them; 0 (default): all seeds of a combination; 1: one "
-    "run per program.")
+    "run per program (`launch.main`). Holds for local sweeps, tasks, --dry_run and Slurm arrays.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _ARG_KEYS = ("dataset", "model", "method")
@@ -109,8 +112,39 @@ def main_argv(config_path, arg, run, cli_overrides, workdir, python="python") ->
   return parts
 
 
-def _command(config_path, arg, run, cli_overrides, workdir) -> str:
-  return shlex.join(main_argv(config_path, arg, run, cli_overrides, workdir))
+def task_argv(config_path, arg, cli_overrides, root, task_index: int, num_tasks: int,
+              runs_per_program: int, python="python") -> list[str]:
+  """The `launch.sweep` command line that trains program `task_index` of `num_tasks` (one group
+  of seeds; `program_groups`), skipping its finished runs."""
+  parts = [python, "-m", "launch.sweep",
+           f"--config={config_path}" + ("" if arg is None else f":{arg}"), f"--workdir={root}",
+           f"--task_index={task_index}", f"--num_tasks={num_tasks}",
+           f"--runs_per_program={runs_per_program}"]
+  return parts + [f"--config.{k}={v}" for k, v in cli_overrides.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One program of a sweep: the runs it trains (indices into `runs_of`) and its command."""
+  name: str
+  runs: tuple[int, ...]
+  argv: list[str]
+
+
+def programs_of(config_path, arg, cli_overrides, root, runs: list, runs_per_program: int,
+                python="python") -> list[Program]:
+  """The programs that train `runs` (`runs_of`): one `launch.main` per run when
+  `runs_per_program` is 1, else one `launch.sweep` task per group of seeds (`program_groups`),
+  numbered over the whole sweep, so that program i names the same runs in every call."""
+  if runs_per_program == 1:
+    return [Program(name, (i,), main_argv(config_path, arg, run, cli_overrides,
+                                          os.path.join(root, name), python=python))
+            for i, (name, run, _) in enumerate(runs)]
+  groups = program_groups([config for _, _, config in runs], runs_per_program)
+  return [Program(", ".join(runs[i][0] for i in group), tuple(group),
+                  task_argv(config_path, arg, cli_overrides, root, g, len(groups),
+                            runs_per_program, python=python))
+          for g, group in enumerate(groups)]
 
 
 def shard(items: list, task_index: int, num_tasks: int) -> list:
@@ -168,15 +202,22 @@ def _group_or_exit(configs: list, workdirs: list[str]) -> list[dict]:
 def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str, *,
               dry_run: bool = False, task_index: int = 0, num_tasks: int = 1,
               runs_per_program: int = 0) -> list[tuple[str, dict, dict]]:
-  """Runs (or with `dry_run` prints the command of) every run of the sweep, one by one; with
-  `num_tasks` > 1, only task `task_index`'s share (`shard`).
+  """Runs every run of the sweep, one program after another (`runs_per_program`: 1, one run a
+  program; else groups of seeds, `program_groups`); with `num_tasks` > 1, only task
+  `task_index`'s share of the programs (`shard`). With `dry_run`, prints the programs'
+  commands (`programs_of`) instead and returns nothing.
 
   Returns (name, run, results) of every finished run, those finished earlier included.
   """
   from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
   runs = runs_of(config_path, arg, cli_overrides)
-  if runs_per_program != 1 and not dry_run:
+  if dry_run:
+    for program in shard(programs_of(config_path, arg, cli_overrides, root, runs,
+                                     runs_per_program), task_index, num_tasks):
+      print(shlex.join(program.argv))
+    return []
+  if runs_per_program != 1:
     # Tasks share groups, not runs: a combination's seeds stay in one program.
     groups = shard(program_groups([config for _, _, config in runs], runs_per_program),
                    task_index, num_tasks)
@@ -185,9 +226,6 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   progress = common.Progress(len(runs))
   for name, run, config in runs:
     workdir = epath.Path(root) / name
-    if dry_run:
-      print(_command(config_path, arg, run, cli_overrides, str(workdir)))
-      continue
     results_path = workdir / train.RESULTS_FILE
     # Without its config.json a results.json is not a run of ours: launch.main refuses it.
     if results_path.exists() and (workdir / train.CONFIG_FILE).exists():
@@ -235,8 +273,9 @@ def _run_grouped(groups: list[list], root: str) -> list:
 
 
 def slurm_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
-                options: slurm_array.Options, *, wait: bool):
-  """Submits the sweep's unfinished runs as a Slurm job array; with `wait`, follows it.
+                options: slurm_array.Options, *, wait: bool, runs_per_program: int = 0):
+  """Submits the sweep's unfinished programs (`programs_of`: groups of seeds, or one run each
+  with `runs_per_program=1`) as a Slurm job array, task i = program i; with `wait`, follows it.
 
   Returns (finished, failed): (name, run, results) of every finished run, and the failed
   tasks as (task, state, log path) (empty without `wait`).
@@ -249,19 +288,23 @@ def slurm_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: st
   def results_path(i):
     return epath.Path(root) / runs[i][0] / train.RESULTS_FILE
 
-  entries = [(name, main_argv(os.path.abspath(config_path), arg, run, cli_overrides,
-                              os.path.join(root, name), python=sys.executable),
-              results_path(i).exists())
-             for i, (name, run, _) in enumerate(runs)]
+  programs = programs_of(os.path.abspath(config_path), arg, cli_overrides, root, runs,
+                         runs_per_program, python=sys.executable)
+
+  def program_finished(task):
+    return all(results_path(i).exists() for i in programs[task].runs)
+
+  entries = [(p.name, p.argv, program_finished(task)) for task, p in enumerate(programs)]
   failed = []
   try:
     tracked = slurm_array.submit_runs(
         root, entries, options, chdir=_CODE_ROOT, preempted_status=common.PREEMPTED,
+        layout=f"runs_per_program={runs_per_program}",
         echo=lambda line: print(line, flush=True))
     if wait and tracked:
       slurm_dir = os.path.join(root, "slurm")
       failed = slurm_array.wait(
-          slurm_dir, tracked, lambda i: results_path(i).exists(),
+          slurm_dir, tracked, program_finished,
           since=slurm_array.submitted_since(slurm_dir, tracked.values()),
           poll_seconds=options.poll_seconds, echo=lambda line: print(line, flush=True)).failed
   except slurm_array.SlurmError as e:
@@ -297,7 +340,8 @@ def main(argv):
   failed = []
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
-                                   slurm_options(), wait=_WAIT.value)
+                                   slurm_options(), wait=_WAIT.value,
+                                   runs_per_program=_RUNS_PER_PROGRAM.value)
     if not _WAIT.value:
       return
   else:
@@ -307,7 +351,7 @@ def main(argv):
   if finished:
     print(summary_table([(name, results) for name, _, results in finished]))
   if failed:
-    common.fail(f"{len(failed)} runs failed; their logs: "
+    common.fail(f"{len(failed)} programs failed; their logs: "
                 f"{', '.join(path for _, _, path in failed)}", status=1)
 
 

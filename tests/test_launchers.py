@@ -43,19 +43,32 @@ def test_slurm_dry_run_prints_srun_command():
                                 "--workdir=/shared/run"]
 
 
-def test_sweep_dry_run_prints_one_command_per_run(tmp_path):
+def _dry_run(tmp_path, *extra) -> list[str]:
   proc = subprocess.run([sys.executable, "-m", "launch.sweep",
                          "--config=configs/paper.py:study=digits", f"--workdir={tmp_path}",
-                         "--dry_run", "--config.epochs_per_stage=3"],
+                         "--dry_run", "--config.epochs_per_stage=3", *extra],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
-  commands = proc.stdout.strip().splitlines()
+  assert not any(tmp_path.iterdir())  # nothing run, nothing written
+  return proc.stdout.strip().splitlines()
+
+
+def test_sweep_dry_run_prints_one_command_per_program(tmp_path):
+  # Default: the 3 seeds of each of the 12 methods are one program, program i of 12.
+  commands = _dry_run(tmp_path)
+  assert commands == [
+      f"python -m launch.sweep --config=configs/paper.py:study=digits --workdir={tmp_path} "
+      f"--task_index={i} --num_tasks=12 --runs_per_program=0 --config.epochs_per_stage=3"
+      for i in range(12)]
+  # Groups capped at 2 seeds: 2 programs per method.
+  assert len(_dry_run(tmp_path, "--runs_per_program=2")) == 24
+  # One run per program: 36 launch.main commands.
+  commands = _dry_run(tmp_path, "--runs_per_program=1")
   assert len(commands) == 12 * 3
   assert all(c.startswith("python -m launch.main --config=configs/paper.py:study=digits,method=")
              for c in commands)
   assert all("--config.epochs_per_stage=3" in c for c in commands)
   assert any("method=lw" in c and "--config.seed=2" in c for c in commands)
-  assert not any(tmp_path.iterdir())  # nothing run, nothing written
 
 
 def test_reproduce_runs_a_small_sweep_then_reports_and_skips_finished_runs(tmp_path):
@@ -124,7 +137,7 @@ def test_tpu_pod_sweep_hosts_run_disjoint_shares_that_cover_the_sweep(tmp_path):
                         capture_output=True, text=True, timeout=300)
   everything = full.stdout.strip().splitlines()
   got = [s.stdout.strip().splitlines() for s in shares]
-  assert len(everything) == 36 and sorted(sum(got, [])) == sorted(everything)
+  assert len(everything) == 12 and sorted(sum(got, [])) == sorted(everything)  # 12 programs
   assert got[1] == everything[1::3]  # a deterministic share: every third run from the second
 
 

@@ -2,11 +2,13 @@
 
 Needs a reachable Slurm (`launch/slurm/local_cluster.sh up` starts a single-node one; CI does);
 skipped with the reason otherwise. One scenario, shared by the tests below (module fixture):
-the sequential `launch.reproduce --runs_per_program=1` (reference) and, at the same time, the sweep submitted as an
-array with two tasks at a time; the third task is cancelled while it waits; the second gets, in
-the middle of its training, the signal Slurm sends before a time limit. Then `launch.reproduce
---scheduler=slurm` submits what is unfinished (the third run), which an administrator requeues
-(`scontrol requeue`) in the middle of its training, waits and writes the report.
+the sequential `launch.reproduce` (reference) and, at the same time, the sweep submitted as an
+array with two tasks at a time, each task one program (the group of a combination's seeds; the
+digits sweep has one seed per method, so three programs of one run); the third task is
+cancelled while it waits; the second gets, in the middle of its training, the signal Slurm
+sends before a time limit. Then `launch.reproduce --scheduler=slurm` submits what is unfinished
+(the third program), which an administrator requeues (`scontrol requeue`) in the middle of its
+training, waits and writes the report.
 """
 
 import fcntl
@@ -158,6 +160,11 @@ def _requeue_when_training(job_task: str, checkpoint: pathlib.Path, how: list[st
                  timeout=30)
 
 
+def _checkpoint(root: pathlib.Path, run: str, step: int) -> pathlib.Path:
+  """Where the program of `run` (a group of its one seed, 0) checkpoints `step`."""
+  return root / f"{run}.seeds=0.group" / "checkpoints" / str(step)
+
+
 def _submissions(slurm_dir: str) -> list[dict]:
   try:
     return array.read_submissions(slurm_dir)
@@ -171,9 +178,7 @@ def _scenario(tmp: pathlib.Path) -> dict:
   subprocess.run([sys.executable, "-c", "import tensorflow_datasets as tfds, reinit.data.digits; "
                   f"tfds.builder('digits', data_dir='{data_dir}').download_and_prepare()"],
                  cwd=REPO, check=True, capture_output=True, timeout=300)
-  # One run per program, as each array task runs (grouped runs draw their batches on device).
-  sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir,
-                                               "--runs_per_program=1"),
+  sequential = subprocess.Popen(_sweep_command("launch.reproduce", tmp / "seq", data_dir),
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
   arr = tmp / "arr"
@@ -182,12 +187,17 @@ def _scenario(tmp: pathlib.Path) -> dict:
                      "--slurm.max_parallel=2"),
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert first.returncode == 0, first.stderr[-3000:]
-  job = re.search(r"submitted 3 of 3 runs as job array (\d+)", first.stdout).group(1)
+  job = re.search(r"submitted 3 of 3 programs as job array (\d+)", first.stdout).group(1)
+  # While its tasks are queued, a submission whose task ids would mean other programs (one run
+  # each) is refused: it could train a run twice at once.
+  other_layout = subprocess.run(
+      _sweep_command("launch.sweep", arr, data_dir, "--scheduler=slurm", "--runs_per_program=1"),
+      cwd=REPO, capture_output=True, text=True, timeout=120)
   # Task 2 waits for one of the two slots: cancelled before it starts.
   subprocess.run(["scancel", f"{job}_2"], check=True, timeout=30)
   # Task 1 gets what Slurm sends before a time limit (--signal=USR1@...: SIGUSR1 to the step):
   # the run checkpoints and exits 75, and the job script requeues the task.
-  _requeue_when_training(f"{job}_1", arr / RUNS[1] / "checkpoints" / "50",
+  _requeue_when_training(f"{job}_1", _checkpoint(arr, RUNS[1], 50),
                          ["scancel", "--signal=USR1"])
   _wait_for(lambda: _state(f"{job}_0") == "COMPLETED" and _state(f"{job}_1") == "COMPLETED",
             "tasks 0 and 1 to complete", timeout_s=600)
@@ -200,13 +210,14 @@ def _scenario(tmp: pathlib.Path) -> dict:
   _wait_for(lambda: len(_submissions(slurm_dir)) == 2, "the resubmission")
   job2 = _submissions(slurm_dir)[1]["job_id"]
   # The resubmitted task is requeued by an administrator: SIGTERM, then Slurm requeues it.
-  _requeue_when_training(f"{job2}_2", arr / RUNS[2] / "checkpoints" / "50",
+  _requeue_when_training(f"{job2}_2", _checkpoint(arr, RUNS[2], 50),
                          ["scontrol", "requeue"])
   second_out, second_err = second.communicate(timeout=600)
   assert second.returncode == 0, second_out[-2000:] + second_err[-3000:]
   _, err = sequential.communicate(timeout=600)
   assert sequential.returncode == 0, err[-3000:]
   return {"tmp": str(tmp), "job": job, "job2": job2, "second": second_out,
+          "other_layout": [other_layout.returncode, other_layout.stderr],
           "logs": {RUNS[1]: (arr / "slurm" / f"{job}_1.out").read_text(),
                    RUNS[2]: (arr / "slurm" / f"{job2}_2.out").read_text()}}
 
@@ -246,9 +257,19 @@ def test_a_requeued_task_resumes_from_the_checkpoint_of_its_step(scenario, run, 
 
 @needs_slurm
 def test_resubmission_submits_only_the_cancelled_task(scenario):
-  assert re.search(r"submitted 1 of 3 runs as job array \d+ \(tasks 2\)", scenario["second"])
+  assert re.search(r"submitted 1 of 3 programs as job array \d+ \(tasks 2\)",
+                   scenario["second"])
   submissions = array.read_submissions(str(scenario["tmp"] / "arr" / "slurm"))
   assert [s["tasks"] for s in submissions] == [dict(zip("012", RUNS)), {"2": RUNS[2]}]
+
+
+@needs_slurm
+def test_a_submission_of_another_layout_is_refused_while_tasks_are_queued(scenario):
+  status, stderr = scenario["other_layout"]
+  (line,) = stderr.strip().splitlines()
+  assert status == 1 and line.startswith(f"error: job {scenario['job']} still has tasks queued "
+                                         "with runs_per_program=0"), line
+  assert len(array.read_submissions(str(scenario["tmp"] / "arr" / "slurm"))) == 2  # no other
 
 
 @needs_slurm

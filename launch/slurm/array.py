@@ -1,11 +1,12 @@
-r"""A sweep as one Slurm job array: submit the unfinished runs, follow them, resubmit failures.
+r"""A sweep as one Slurm job array: submit the unfinished programs, follow them, resubmit failures.
 
-Array task i runs run i of the sweep (its index in `get_sweep`'s list), so a task id names the
-same run in every submission. Each submission writes under `WORKDIR/slurm/`:
-`array-N.sh` (the job script: task id -> `python -m launch.main ...`), the tasks' logs
-`JOBID_TASK.out` (appended to across requeues), and a line in `submissions.jsonl` (job id, task
-ids and run names) that later submissions and `--wait` read. No `sacct` is needed (clusters
-without an accounting daemon have none): states come from `squeue -t all`.
+Array task i runs program i of the sweep (`launch.sweep.programs_of`: a group of seeds, or one
+run with `--runs_per_program=1`), so a task id names the same runs in every submission of the
+same layout. Each submission writes under `WORKDIR/slurm/`: `array-N.sh` (the job script: task
+id -> its command), the tasks' logs `JOBID_TASK.out` (appended to across requeues), and a line
+in `submissions.jsonl` (job id, layout, task ids and names) that later submissions and `--wait`
+read. No `sacct` is needed (clusters without an accounting daemon have none): states come from
+`squeue -t all`.
 
 Preemption: tasks are submitted `--requeue --signal=USR1@SECONDS`. Slurm sends SIGUSR1 to the
 run that long before the time limit; the run checkpoints its current step and exits with status
@@ -87,7 +88,7 @@ def job_script(commands: dict[int, list[str]], *, preempted_status: int) -> str:
   cases = "\n".join(f"  {task}) command=({shlex.join(argv)}) ;;"
                     for task, argv in sorted(commands.items()))
   return f"""#!/usr/bin/env bash
-# Written by `launch.sweep --scheduler=slurm`: array task i runs run i of the sweep.
+# Written by `launch.sweep --scheduler=slurm`: array task i runs program i of the sweep.
 set -u
 case "$SLURM_ARRAY_TASK_ID" in
 {cases}
@@ -147,20 +148,32 @@ def read_submissions(slurm_dir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def record_submission(slurm_dir: str, job_id: str, names: dict[int, str]) -> None:
+# The layout of submissions recorded before layouts were: one run per task.
+_OLD_LAYOUT = "runs_per_program=1"
+
+
+def record_submission(slurm_dir: str, job_id: str, names: dict[int, str], layout: str) -> None:
   with open(os.path.join(slurm_dir, SUBMISSIONS_FILE), "a") as f:
-    f.write(json.dumps({"job_id": job_id, "tasks": {str(t): n for t, n in names.items()},
+    f.write(json.dumps({"job_id": job_id, "layout": layout,
+                        "tasks": {str(t): n for t, n in names.items()},
                         "submitted": time.time()}) + "\n")
 
 
-def active_tasks(slurm_dir: str) -> dict[int, str]:
-  """{run index: job id} of the runs a previous submission still has pending or running."""
+def active_tasks(slurm_dir: str, layout: str) -> dict[int, str]:
+  """{task: job id} of the tasks a previous submission still has pending or running.
+
+  Raises SlurmError if one of them belongs to a submission of another `layout` (its task ids
+  name other runs: submitting now could train a run twice at once)."""
   active = {}
   for submission in read_submissions(slurm_dir):
     states = task_states(submission["job_id"])
-    for task in map(int, submission["tasks"]):
-      if states.get(task) in ACTIVE_STATES:
-        active[task] = submission["job_id"]
+    tasks = [t for t in map(int, submission["tasks"]) if states.get(t) in ACTIVE_STATES]
+    theirs = submission.get("layout", _OLD_LAYOUT)
+    if tasks and theirs != layout:
+      raise SlurmError(f"job {submission['job_id']} still has tasks queued with {theirs}; "
+                       f"accepted: the same {theirs.split('=')[0]}, or wait for it (or scancel "
+                       "it) before submitting with " + layout)
+    active.update({t: submission["job_id"] for t in tasks})
   return active
 
 
@@ -230,31 +243,34 @@ def wait(slurm_dir: str, tasks: dict[int, str], finished, *, since: float,
 
 
 def submit_runs(root: str, runs: list[tuple[str, list[str], bool]], options: Options, *,
-                chdir: str, preempted_status: int, echo=print) -> dict[int, str]:
-  """Submits, as one array, the runs that are neither finished nor queued by an earlier
+                chdir: str, preempted_status: int, layout: str = _OLD_LAYOUT,
+                echo=print) -> dict[int, str]:
+  """Submits, as one array, the programs that are neither finished nor queued by an earlier
   submission.
 
   Args:
     root: the sweep's workdir; scripts, logs and the submission record go to `root/slurm`.
-    runs: (name, `launch.main` argv, finished) of every run of the sweep, in sweep order.
+    runs: (name, argv, finished) of every program of the sweep, in order (task i = entry i).
     options: what to ask Slurm for.
-    chdir: the directory the tasks run in (where `python -m launch.main` imports this code).
-    preempted_status: the exit status of a run stopped by a preemption notice.
+    chdir: the directory the tasks run in (where `python -m launch...` imports this code).
+    preempted_status: the exit status of a program stopped by a preemption notice.
+    layout: what a task id means (e.g. "runs_per_program=0"); tasks queued under another
+      layout make this a SlurmError.
     echo: where the lines for the user go.
 
   Returns:
-    {run index: job id} of every run now queued, by this submission or an earlier one.
+    {task: job id} of every task now queued, by this submission or an earlier one.
   """
   slurm_dir = os.path.join(root, "slurm")
   os.makedirs(slurm_dir, exist_ok=True)
-  queued = active_tasks(slurm_dir)
+  queued = active_tasks(slurm_dir, layout)
   for task, job in sorted(queued.items()):
     echo(f"{runs[task][0]}: already queued as task {task} of job {job}; not submitted again")
   todo = {i: argv for i, (_, argv, finished) in enumerate(runs)
           if not finished and i not in queued}
   if not todo:
-    echo(f"slurm: nothing to submit ({sum(f for _, _, f in runs)}/{len(runs)} runs finished, "
-         f"{len(queued)} queued)")
+    echo(f"slurm: nothing to submit ({sum(f for _, _, f in runs)}/{len(runs)} programs "
+         f"finished, {len(queued)} queued)")
     return queued
   script = os.path.join(slurm_dir, f"array-{len(read_submissions(slurm_dir))}.sh")
   with open(script, "w") as f:
@@ -265,8 +281,8 @@ def submit_runs(root: str, runs: list[tuple[str, list[str], bool]], options: Opt
   except SlurmError:
     os.remove(script)  # refused (e.g. GPUs where there are none): leave no trace of it
     raise
-  record_submission(slurm_dir, job, {i: runs[i][0] for i in todo})
-  echo(f"slurm: submitted {len(todo)} of {len(runs)} runs as job array {job} (tasks "
+  record_submission(slurm_dir, job, {i: runs[i][0] for i in todo}, layout)
+  echo(f"slurm: submitted {len(todo)} of {len(runs)} programs as job array {job} (tasks "
        f"{','.join(map(str, sorted(todo)))}); logs: {log_path(slurm_dir, job, 0)[:-5]}TASK.out")
   return queued | {i: job for i in todo}
 
