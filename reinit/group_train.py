@@ -208,6 +208,39 @@ def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
                  donate_argnums=0)
 
 
+def _signature(args) -> tuple:
+  """(treedef, leaves) of `args` as shapes, dtypes and shardings: hashable, what a compiled
+  program is specialized to."""
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                        for x in leaves)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(jitted, treedef, leaves) -> jax.stages.Compiled:
+  """`jitted` lowered and compiled for `_signature` (treedef, leaves), once per process: the
+  groups of a sweep that share a window loop skip its tracing, lowering and cache read."""
+  return jitted.lower(*jax.tree.unflatten(treedef, leaves)).compile()
+
+
+@functools.lru_cache(maxsize=16)
+def _one_run_step(model, optimizer: OptimizerFields, wrapper, num_classes: int,
+                  label_smoothing: float):
+  """A single run's train step (`model` as a single run builds it), jitted."""
+  tx = wrapper(make_optimizer(optimizer))
+  return jax.jit(make_train_step(model, tx, num_classes=num_classes,
+                                 label_smoothing=label_smoothing))
+
+
+def _one_run_step_flops(model, optimizer, wrapper, num_classes, label_smoothing, state,
+                        batch) -> float:
+  """FLOPs of one run's train step as XLA counts a single run's (`train_step_flops` of
+  `train_and_evaluate`): the work of the method, whatever the group's program does to batch
+  it (im2col's patches count as a convolution; a scanned loop counts its body once)."""
+  step = _one_run_step(model, optimizer, wrapper, num_classes, label_smoothing)
+  return flops(_compiled(step, *_signature((state, batch, jnp.float32(0)))))
+
+
 @functools.lru_cache(maxsize=16)
 def _group_eval_step(model, num_classes: int, shared_batches: bool):
   """The eval step of every run at once: batches shared by the runs (the test split) or
@@ -419,11 +452,12 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
 
   class Loops(dict):
     def __missing__(self, n):
-      self[n] = _window_loop(model, optimizer, plan.optimizer, info.num_classes,
-                             config.label_smoothing, n, config.batch_size, over_runs,
-                             tuple(augmentation.items())).lower(
-          states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
-          members).compile()
+      self[n] = _compiled(
+          _window_loop(model, optimizer, plan.optimizer, info.num_classes,
+                       config.label_smoothing, n, config.batch_size, over_runs,
+                       tuple(augmentation.items())),
+          *_signature((states, images, labels, data_keys,
+                       jax.ShapeDtypeStruct((n,), jnp.float32), members)))
       return self[n]
 
   compile_start = time.perf_counter()
@@ -431,9 +465,12 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   for n in lengths:
     loops[n]  # pylint: disable=pointless-statement
   compile_s = time.perf_counter() - compile_start
-  n0 = lengths[0]
-  # One run's step: XLA counts one device's share of the program (runs spread over devices).
-  train_step_flops = flops(loops[n0]) * mesh.size / (num_runs * n0)
+  train_step_flops = _one_run_step_flops(
+      models.from_config(config, info.num_classes), optimizer, plan.optimizer,
+      info.num_classes, config.label_smoothing,
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states),
+      {"image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32),
+       "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)})
   eval_test = _group_eval_step(model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(model, info.num_classes, shared_batches=False)
   stage_start = _stage_start(model, tx, plan, info.image_shape,

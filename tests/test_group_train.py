@@ -94,6 +94,9 @@ def test_results_have_single_run_format(groups_run, data_dir, tmp_path_factory):
     assert written["seed"] == seed and written["test_examples"] == single["test_examples"]
     assert written["compute"]["train_steps"] == single["compute"]["train_steps"]
     assert written["compute"]["examples_seen"] == single["compute"]["examples_seen"]
+    # A run's compute is the single run's, not what the group's batched program counts.
+    assert written["compute"]["train_step_flops"] == single["compute"]["train_step_flops"] > 0
+    assert written["compute"]["train_flops"] == single["compute"]["train_flops"]
   np.testing.assert_allclose(results[1]["test_accuracy"], one_results[0]["test_accuracy"],
                              atol=1e-6)
 
