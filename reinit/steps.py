@@ -7,6 +7,7 @@ run and a vmapped group of runs.
   make_train_step         `(state, batch, learning_rate) -> (state, metrics)`
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import flax
@@ -63,9 +64,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def warmup_cosine(config, *, peak: float, steps: int, steps_per_epoch: int) -> np.ndarray:
   """Learning rate of each of `steps` steps: linear warmup, then cosine decay to 0. (steps,) f32."""
   warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), max(steps - 1, 0))
+  return _warmup_cosine(float(peak), warmup, steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _warmup_cosine(peak: float, warmup: int, steps: int) -> np.ndarray:
+  # Once per process and schedule: the runs and groups of a sweep share their schedules.
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(steps, 1))
-  return np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+  rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+  rates.flags.writeable = False  # shared by every caller
+  return rates
 
 
 def stage_learning_rates(config, plan: methods.Plan, steps_per_epoch: int) -> list[np.ndarray]:
