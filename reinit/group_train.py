@@ -199,13 +199,16 @@ def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
 @functools.lru_cache(maxsize=16)
 def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
                  label_smoothing: float, steps: int, batch_size: int, over_runs: str,
-                 augmentation: tuple):
-  """`groups.group_train_loop` of the trainer's step, jitted with the states donated."""
+                 augmentation: tuple, mesh: jax.sharding.Mesh):
+  """`groups.group_train_loop` of the trainer's step, jitted with the states donated; each
+  run's batch split on the mesh's `data` axis."""
   tx = wrapper(make_optimizer(optimizer))
   step = make_train_step(model, tx, num_classes=num_classes, label_smoothing=label_smoothing)
-  return jax.jit(groups.group_train_loop(step, steps=steps, batch_size=batch_size,
-                                         over_runs=over_runs, **dict(augmentation)),
-                 donate_argnums=0)
+  data_parallel = mesh.shape["data"] > 1
+  return jax.jit(groups.group_train_loop(
+      step, steps=steps, batch_size=batch_size, over_runs=over_runs, **dict(augmentation),
+      batch_sharding=NamedSharding(mesh, PartitionSpec("data")) if data_parallel else None,
+      runs_axis="runs" if data_parallel else None), donate_argnums=0)
 
 
 def _signature(args) -> tuple:
@@ -249,27 +252,26 @@ def _group_eval_step(model, num_classes: int, shared_batches: bool):
                           in_axes=(0, None if shared_batches else 0)))
 
 
-def group_devices(config, num_runs: int) -> int:
-  """Devices a group of `num_runs` runs spreads its runs over (each run on one device):
-  `num_devices`, which must divide the runs, or with -1 (all) the most devices that do."""
+def group_devices(config, num_runs: int) -> tuple[int, int]:
+  """(runs, data): the group's mesh over the `num_devices` devices (-1: all). Runs spread over
+  gcd(num_runs, devices) of them (one run a device row, no traffic between runs) and each run
+  is data-parallel over the rest (its batch split, gradients and BatchNorm statistics reduced
+  across them, as a single run on that many devices). `validation` has checked that the
+  devices divide batch_size."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  from reinit.validation import num_devices  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise ConfigError(f"a group of runs trains in one process, not {jax.process_count()}; "
                       "accepted: runs_per_program=1 for multi-process runs")
-  requested = config.get("num_devices", -1)
-  if requested == -1:
-    return math.gcd(num_runs, jax.device_count())
-  if num_runs % requested:
-    divisors = [d for d in range(1, min(num_runs, jax.device_count()) + 1) if num_runs % d == 0]
-    raise ConfigError(f"num_devices={requested} does not divide a group of {num_runs} runs "
-                      f"(runs_per_program); accepted: num_devices -1 or one of "
-                      f"{', '.join(map(str, divisors))}, or a runs_per_program it divides")
-  return requested
+  devices = num_devices(config)
+  runs = math.gcd(num_runs, devices)
+  return runs, devices // runs
 
 
-def runs_mesh(devices: int) -> jax.sharding.Mesh:
-  """The 1-D `runs` mesh of a group over the first `devices` devices."""
-  return jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("runs",))
+def runs_mesh(runs: int, data: int = 1) -> jax.sharding.Mesh:
+  """The group's ("runs", "data") mesh over the first runs x data devices."""
+  return jax.sharding.Mesh(np.array(jax.devices()[:runs * data]).reshape(runs, data),
+                           ("runs", "data"))
 
 
 def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
@@ -402,7 +404,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   configs = [seed_config(config, s) for s in seeds]
   for c in configs:
     validation.validate(c)
-  mesh = runs_mesh(group_devices(config, num_runs))
+  mesh = runs_mesh(*group_devices(config, num_runs))
   by_run, replicated = NamedSharding(mesh, PartitionSpec("runs")), NamedSharding(mesh,
                                                                                   PartitionSpec())
   first_data = train._load_data(configs[0])  # pylint: disable=protected-access
@@ -455,7 +457,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       self[n] = _compiled(
           _window_loop(model, optimizer, plan.optimizer, info.num_classes,
                        config.label_smoothing, n, config.batch_size, over_runs,
-                       tuple(augmentation.items())),
+                       tuple(augmentation.items()), mesh),
           *_signature((states, images, labels, data_keys,
                        jax.ShapeDtypeStruct((n,), jnp.float32), members)))
       return self[n]

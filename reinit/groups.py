@@ -176,7 +176,9 @@ def _gather(images, labels, indices, key, **augmentation) -> dict[str, jax.Array
 
 def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: int = 0,
                      flip: bool = False, pad_mode: str = "reflect", over_runs: str = "vmap",
-                     step_of: Callable[[PyTree], jax.Array] = lambda state: state.step):
+                     step_of: Callable[[PyTree], jax.Array] = lambda state: state.step,
+                     batch_sharding: jax.sharding.NamedSharding | None = None,
+                     runs_axis: str | None = None):
   """The trainer's single-run step, vmapped over the runs and scanned over `steps` steps.
 
   Args:
@@ -189,6 +191,10 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       feature_group_count=R, which XLA:CPU runs far slower than R plain ones) or 'map' (the
       runs one after the other inside the program, `lax.map`: no grouped convolutions).
     step_of: the global step of a run's state (its data stream's position).
+    batch_sharding: where a run's batch lives (e.g. split on a mesh's `data` axis: each run
+      data-parallel); None: where XLA puts it.
+    runs_axis: the mesh axis the run axis is sharded on (with `batch_sharding` and 'vmap':
+      the batches' run axis is placed on it).
 
   Returns:
     A pure function `(states, images, labels, keys, learning_rates, members=None) ->
@@ -213,13 +219,16 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       learning_rate, indices, i = xs
       batch = _gather(images, labels, indices, jax.random.fold_in(augment_key, start + i),
                       pad=pad, flip=flip, pad_mode=pad_mode)
+      if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
       return train_step(state, batch, learning_rate)
     return jax.lax.scan(body, state, (learning_rates, orders, jnp.arange(steps, dtype=jnp.int32)))
 
   if over_runs not in OVER_RUNS:
     raise ValueError(f"over_runs={over_runs!r} is unknown; accepted: {', '.join(OVER_RUNS)}")
   if over_runs == "vmap":
-    grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None))
+    grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None),
+                       spmd_axis_name=runs_axis)
   else:
     def grouped(states, keys, members, images, labels, learning_rates):
       return jax.lax.map(lambda run: run_loop(*run, images, labels, learning_rates),

@@ -429,20 +429,32 @@ def test_a_group_out_of_memory_is_one_line_naming_runs_per_program(data_dir, tmp
 
 
 def test_runs_spread_over_devices_equal_runs_on_one_device(data_dir, tmp_path):
-  # 2 runs on 2 of the 8 host devices (one run a device) and on one device: the same start bit
-  # for bit, the same end to rtol 1e-5; a device count that does not divide the runs is refused.
-  if jax.device_count() < 2:
-    pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  # 2 runs on 2 of the 8 host devices (one run a device), on 8 (a 2 x 4 mesh: each run
+  # data-parallel over 4) and on one device: the same start bit for bit, the same end to
+  # rtol 1e-5.
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   seeds = SEEDS[:2]
-  spread, _ = _group(_config(data_dir, num_devices=2), str(tmp_path), "spread", seeds)
-  alone, _ = _group(_config(data_dir, num_devices=1), str(tmp_path), "alone", seeds)
-  for a, b in zip(spread, alone):
-    jax.tree.map(np.testing.assert_array_equal, _variables(a, "init"), _variables(b, "init"))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-                 _variables(a, "final"), _variables(b, "final"))
-  assert group_train.group_devices(_config(data_dir, num_devices=-1), 4) == math.gcd(
-      4, jax.device_count())
-  assert group_train.group_devices(_config(data_dir, num_devices=-1), 3) == math.gcd(
-      3, jax.device_count())
-  with pytest.raises(train.ConfigError, match="num_devices=3 does not divide a group of 4 runs"):
-    group_train.group_devices(_config(data_dir, num_devices=3), 4)
+  alone, alone_results = _group(_config(data_dir, num_devices=1), str(tmp_path), "alone", seeds)
+  for devices in (2, 8):
+    spread, results = _group(_config(data_dir, num_devices=devices, eval_batch_size=96),
+                             str(tmp_path), f"on{devices}", seeds)
+    for a, b, result, expected in zip(spread, alone, results, alone_results):
+      jax.tree.map(np.testing.assert_array_equal, _variables(a, "init"), _variables(b, "init"))
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                   _variables(a, "final"), _variables(b, "final"))
+      assert result["devices"] == devices
+      np.testing.assert_allclose(result["test_accuracy"], expected["test_accuracy"], atol=1e-6)
+
+
+def test_group_devices_spread_runs_then_split_each_runs_batch(data_dir):
+  def mesh(runs, num_devices):
+    return group_train.group_devices(_config(data_dir, num_devices=num_devices), runs)
+  assert mesh(2, 1) == (1, 1)
+  assert mesh(2, 2) == (2, 1)
+  assert mesh(2, 8) == (2, 4)  # each run's batch over 4 devices
+  assert mesh(3, 8) == (1, 8)  # no common divisor: every run over all 8
+  assert mesh(8, 8) == (8, 1)
+  assert mesh(12, 8) == (4, 2)
+  assert mesh(4, -1) == (math.gcd(4, jax.device_count()),
+                         jax.device_count() // math.gcd(4, jax.device_count()))

@@ -227,3 +227,28 @@ def test_augment_rejects_unknown_pad_mode():
   with pytest.raises(ValueError, match="pad_mode='wrap'.*reflect, zero"):
     groups.augment(jax.random.key(0), np.zeros((1, 4, 4, 3)), pad=1, flip=False,
                    pad_mode="wrap")
+
+
+def test_runs_data_parallel_on_a_runs_by_data_mesh_equal_one_device(setup):
+  # 2 runs on a 2 x 4 ("runs", "data") mesh: each run's batch of 8 split over 4 devices (the
+  # gradient and BatchNorm statistics reduced across them), the same numbers as on one device.
+  assert jax.device_count() >= 8, "conftest sets 8 host devices"
+  runs = 2
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(runs, 4), ("runs", "data"))
+  by_run, replicated = (NamedSharding(mesh, PartitionSpec(*spec)) for spec in (("runs",), ()))
+  loop = jax.jit(groups.group_train_loop(
+      setup.raw_step, steps=3, **setup.augmentation,
+      batch_sharding=NamedSharding(mesh, PartitionSpec("data")), runs_axis="runs"))
+  args = (jax.device_put(groups.stack(setup.states[:runs]), by_run),
+          *jax.device_put((setup.images, setup.labels), replicated),
+          *jax.device_put((setup.keys[:runs], setup.members[:runs]), by_run))
+  states, images, labels, keys, members = args
+  # Data parallel indeed: the compiled program reduces across the data axis.
+  compiled = loop.lower(states, images, labels, keys, setup.learning_rates, members).compile()
+  assert "all-reduce" in compiled.as_text()
+  parallel, metrics = loop(states, images, labels, keys, setup.learning_rates, members)
+  alone, losses = _group(setup, steps=3, runs=runs)
+  kernel = parallel.variables["params"]["head"]["kernel"]
+  assert kernel.sharding.shard_shape(kernel.shape)[0] == 1  # one run per row of devices
+  _assert_close(jax.device_get(parallel.variables), jax.device_get(alone.variables))
+  np.testing.assert_allclose(metrics["loss"], losses, rtol=RTOL)
