@@ -317,23 +317,22 @@ def test_program_groups_join_runs_differing_only_in_seed():
     sweep.program_groups(configs, -1)
 
 
-_SWEEP_CONFIG = """
-from configs import digits
-get_config = digits.get_config
-def get_sweep(arg):
-  return [dict(method="lw", seed=0), dict(method="baseline", seed=0), dict(method="lw", seed=1)]
-"""
+def _sweep_config(path, runs: list[dict]) -> str:
+  """Writes a digits sweep config of `runs` (its `get_sweep`) to `path`; returns the path."""
+  path.write_text("from configs import digits\nget_config = digits.get_config\n"
+                  f"def get_sweep(arg):\n  return {runs!r}\n")
+  return str(path)
 
 
 def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
   from launch import sweep  # pylint: disable=g-import-not-at-top
-  config_path = tmp_path / "tiny_sweep.py"
-  config_path.write_text(_SWEEP_CONFIG)
+  config_path = _sweep_config(tmp_path / "tiny_sweep.py", [
+      dict(method="lw", seed=0), dict(method="baseline", seed=0), dict(method="lw", seed=1)])
   overrides = {"data_dir": data_dir, "width": 0.125, "train_examples": 40, "batch_size": 16,
                "eval_batch_size": 100, "epochs_per_stage": 1, "num_stages": 2,
                "num_devices": 1}
   root = tmp_path / "runs"
-  finished = sweep.run_sweep(str(config_path), None, overrides, str(root))  # all seeds grouped
+  finished = sweep.run_sweep(config_path, None, overrides, str(root))  # all seeds grouped
   names = sorted(name for name, _, _ in finished)
   assert len(names) == 3
   for name in names:
@@ -345,20 +344,12 @@ def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
                         "method=lw,seed=0.seeds=0-1.group"]
   assert not (root / "method=baseline,seed=0" / "checkpoints").exists()
   # Started again, every run is finished: nothing trains.
-  again = sweep.run_sweep(str(config_path), None, overrides, str(root))
+  again = sweep.run_sweep(config_path, None, overrides, str(root))
   assert sorted(name for name, _, _ in again) == names
   # Two tasks share the groups (in order of first appearance), not the runs.
   shares = [sorted(name for name, _, _ in sweep.run_sweep(
-      str(config_path), None, overrides, str(root), task_index=i, num_tasks=2)) for i in (0, 1)]
+      config_path, None, overrides, str(root), task_index=i, num_tasks=2)) for i in (0, 1)]
   assert shares == [["method=lw,seed=0", "method=lw,seed=1"], ["method=baseline,seed=0"]]
-
-
-_STUDY_CONFIG = """
-from configs import digits
-get_config = digits.get_config
-def get_sweep(arg):
-  return [dict(method="lw", seed=s) for s in range(4)]
-"""
 
 
 def test_grouped_sweep_agrees_with_one_run_per_program_within_noise(data_dir, tmp_path):
@@ -368,13 +359,12 @@ def test_grouped_sweep_agrees_with_one_run_per_program_within_noise(data_dir, tm
   # error + 0.5 points (launch.compare_studies; the digits study's figures are in the README).
   from launch import compare_studies  # pylint: disable=g-import-not-at-top
   from launch import sweep  # pylint: disable=g-import-not-at-top
-  config_path = tmp_path / "study.py"
-  config_path.write_text(_STUDY_CONFIG)
+  config_path = _sweep_config(tmp_path / "study.py", [dict(method="lw", seed=s) for s in range(4)])
   overrides = {"data_dir": data_dir, "width": 0.25, "train_examples": 80, "batch_size": 20,
                "eval_batch_size": 500, "epochs_per_stage": 4, "num_stages": 2,
                "num_devices": 1}
   for mode, runs_per_program in (("grouped", 0), ("single", 1)):
-    sweep.run_sweep(str(config_path), None, overrides, str(tmp_path / mode),
+    sweep.run_sweep(config_path, None, overrides, str(tmp_path / mode),
                     runs_per_program=runs_per_program)
   rows = compare_studies.compare(str(tmp_path / "grouped"), str(tmp_path / "single"))
   (row,) = rows
