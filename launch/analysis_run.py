@@ -137,7 +137,7 @@ def analyze(run, model, train_ds, test_ds, *, noise_scales, draws, batches, powe
     out["hessian_folded"] = {**analysis.hessian_top_eigenvalue(folded_loss, theta, loss_batches,
                                                                key=jax.random.fold_in(key, 4),
                                                                iterations=hessian_iterations,
-                                                        tolerance=hessian_tolerance),
+                                                               tolerance=hessian_tolerance),
                              "examples": examples}
 
   if "robustness" in analyses:

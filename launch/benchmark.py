@@ -486,7 +486,8 @@ def group_benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": config.image_size,
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value, runs), "augment": config.augment,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value, runs),
+      "augment": config.augment,
       "dataset": None, "runs_per_program": runs, "over_runs": _OVER_RUNS.value,
       "devices": mesh.size, "backend": jax.default_backend(),
       "device_kind": device.device_kind, "cpu_threads": len(os.sched_getaffinity(0)),
@@ -548,7 +549,8 @@ def benchmark() -> dict:
   return {
       "model": _MODEL.value, "batch_size": batch, "image_size": image_shape[0],
       "image_shape": list(image_shape), "width": _WIDTH.value, "method": _METHOD.value,
-      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value), "dataset": _DATASET.value,
+      "compute_dtype": _COMPUTE_DTYPE.value, "conv": models.resolve_conv(_CONV.value),
+      "dataset": _DATASET.value,
       "devices": devices, "backend": jax.default_backend(), "device_kind": device.device_kind,
       "cpu_threads": len(os.sched_getaffinity(0)), "steps": steps, "repeats": repeats,
       "train_images_per_s": round(batch / step_s, 2),

@@ -53,8 +53,10 @@ _SLURM = config_flags.DEFINE_config_dict(
     ".max_parallel, .signal_seconds, .poll_seconds (launch/slurm/array.py).")
 _WAIT = flags.DEFINE_bool("wait", False, "With --scheduler=slurm: follow the array until it "
                           "is done, printing progress; exit 1 if a run failed.")
-_TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the runs i with i % num_tasks "
-                                   "== task_index (one host's share of a sweep).")
+_TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the programs i with i % "
+                                   "num_tasks == task_index (one host's share of a sweep; a "
+                                   "program is a group of seeds, or one run with "
+                                   "--runs_per_program=1).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
 _RUNS_PER_PROGRAM = flags.DEFINE_integer(
     "runs_per_program", 0, "Runs that differ only in `seed` train as one program "
@@ -209,7 +211,6 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
 
   Returns (name, run, results) of every finished run, those finished earlier included.
   """
-  from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
   runs = runs_of(config_path, arg, cli_overrides)
   if dry_run:
@@ -225,20 +226,34 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   runs = shard(runs, task_index, num_tasks)
   progress = common.Progress(len(runs))
   for name, run, config in runs:
-    workdir = epath.Path(root) / name
-    results_path = workdir / train.RESULTS_FILE
-    # Without its config.json a results.json is not a run of ours: launch.main refuses it.
-    if results_path.exists() and (workdir / train.CONFIG_FILE).exists():
-      print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
-      finished.append((name, run, json.loads(results_path.read_text())))
+    earlier = _finished_earlier(root, name, progress)
+    if earlier is not None:
+      finished.append((name, run, earlier))
       continue
     print(f"{name}: running ...", flush=True)
-    results = common.run_or_exit(config, str(workdir))
-    print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
-          f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
-          flush=True)
+    results = common.run_or_exit(config, str(epath.Path(root) / name))
+    _print_finished(name, results, progress)
     finished.append((name, run, results))
   return finished
+
+
+def _finished_earlier(root: str, name: str, progress: common.Progress) -> dict | None:
+  """The results of run `name` if an earlier call finished it (said, and counted in
+  `progress`), else None."""
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(root) / name
+  results_path = workdir / train.RESULTS_FILE
+  # Without its config.json a results.json is not a run of ours: launch.main refuses it.
+  if not (results_path.exists() and (workdir / train.CONFIG_FILE).exists()):
+    return None
+  print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
+  return json.loads(results_path.read_text())
+
+
+def _print_finished(name: str, results: dict, progress: common.Progress) -> None:
+  print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
+        f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
+        flush=True)
 
 
 def _run_grouped(groups: list[list], root: str) -> list:
@@ -246,16 +261,14 @@ def _run_grouped(groups: list[list], root: str) -> list:
   (`group_train.train_group`, also when one is left: a run's data order, augmentation and
   draws do not depend on which other seeds share its program; its numbers only to float
   rounding)."""
-  from reinit import train  # pylint: disable=g-import-not-at-top
   finished = []
   progress = common.Progress(sum(len(group) for group in groups))
   for group in groups:
     todo = []
     for name, run, config in group:
-      results_path = epath.Path(root) / name / train.RESULTS_FILE
-      if results_path.exists() and (epath.Path(root) / name / train.CONFIG_FILE).exists():
-        print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
-        finished.append((name, run, json.loads(results_path.read_text())))
+      earlier = _finished_earlier(root, name, progress)
+      if earlier is not None:
+        finished.append((name, run, earlier))
       else:
         todo.append((name, run, config))
     if not todo:
@@ -265,9 +278,7 @@ def _run_grouped(groups: list[list], root: str) -> list:
     all_results = _group_or_exit([config for _, _, config in todo],
                                  [str(epath.Path(root) / name) for name in names])
     for (name, run, _), results in zip(todo, all_results):
-      print(f"{name}: test accuracy {results['test_accuracy']:.4f} "
-            f"({results['wall_time_s']:.0f} s) [{progress.step(results['wall_time_s'])}]",
-            flush=True)
+      _print_finished(name, results, progress)
       finished.append((name, run, results))
   return finished
 

@@ -202,8 +202,7 @@ def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
                  augmentation: tuple, mesh: jax.sharding.Mesh):
   """`groups.group_train_loop` of the trainer's step, jitted with the states donated; each
   run's batch split on the mesh's `data` axis."""
-  tx = wrapper(make_optimizer(optimizer))
-  step = make_train_step(model, tx, num_classes=num_classes, label_smoothing=label_smoothing)
+  step = _train_step(model, optimizer, wrapper, num_classes, label_smoothing)
   data_parallel = mesh.shape["data"] > 1
   return jax.jit(groups.group_train_loop(
       step, steps=steps, batch_size=batch_size, over_runs=over_runs, **dict(augmentation),
@@ -226,13 +225,18 @@ def _compiled(jitted, treedef, leaves) -> jax.stages.Compiled:
   return jitted.lower(*jax.tree.unflatten(treedef, leaves)).compile()
 
 
+def _train_step(model, optimizer: OptimizerFields, wrapper, num_classes: int,
+                label_smoothing: float):
+  """The trainer's single-run step of `model` with `wrapper(make_optimizer(optimizer))`."""
+  return make_train_step(model, wrapper(make_optimizer(optimizer)), num_classes=num_classes,
+                         label_smoothing=label_smoothing)
+
+
 @functools.lru_cache(maxsize=16)
 def _one_run_step(model, optimizer: OptimizerFields, wrapper, num_classes: int,
                   label_smoothing: float):
   """A single run's train step (`model` as a single run builds it), jitted."""
-  tx = wrapper(make_optimizer(optimizer))
-  return jax.jit(make_train_step(model, tx, num_classes=num_classes,
-                                 label_smoothing=label_smoothing))
+  return jax.jit(_train_step(model, optimizer, wrapper, num_classes, label_smoothing))
 
 
 def _one_run_step_flops(model, optimizer, wrapper, num_classes, label_smoothing, state,
@@ -411,7 +415,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
   keys = [run_keys(s) for s in seeds]
-  units = tree_lib.layer_order(models.from_config(config, info.num_classes), keys[0].init,
+  single_model = models.from_config(config, info.num_classes)  # a run alone's (runs=1)
+  units = tree_lib.layer_order(single_model, keys[0].init,
                                jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
   plan = train._plan(config, units)  # pylint: disable=protected-access
   for c, w in zip(configs, workdirs):
@@ -468,7 +473,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     loops[n]  # pylint: disable=pointless-statement
   compile_s = time.perf_counter() - compile_start
   train_step_flops = _one_run_step_flops(
-      models.from_config(config, info.num_classes), optimizer, plan.optimizer,
+      single_model, optimizer, plan.optimizer,
       info.num_classes, config.label_smoothing,
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states),
       {"image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32),
