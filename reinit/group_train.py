@@ -249,9 +249,11 @@ def _one_run_step_flops(model, optimizer, wrapper, num_classes, label_smoothing,
 
 
 @functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=16)
 def _group_eval_step(model, num_classes: int, shared_batches: bool):
   """The eval step of every run at once: batches shared by the runs (the test split) or
-  stacked per run (their training subsets)."""
+  stacked per run (their training subsets). Jitted once per process for its arguments (the
+  groups of a sweep evaluate the same model, whatever the method)."""
   return jax.jit(jax.vmap(evaluation.make_eval_step(model, num_classes=num_classes),
                           in_axes=(0, None if shared_batches else 0)))
 

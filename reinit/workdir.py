@@ -19,6 +19,7 @@ from absl import logging
 from etils import epath
 import flax
 import jax
+import jax.numpy as jnp
 
 from reinit import models
 from reinit.validation import ConfigError
@@ -175,6 +176,10 @@ def restore_latest(manager, abstract_state: PyTree) -> tuple[PyTree, dict] | Non
 def save_variables(workdir: str, name: str, variables: PyTree) -> None:
   """Writes `variables` to WORKDIR/variables/NAME; every process takes part (orbax syncs)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    # Host copies: orbax writes numpy arrays in about half the time of device arrays (~50 vs
+    # ~110 ms for a digits SimpleCNN; a sweep writes two per run). `load_run` reads either.
+    variables = jax.device_get(variables)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(absolute(workdir), VARIABLES_DIR, name), variables, force=True)
   checkpointer.wait_until_finished()
@@ -206,6 +211,7 @@ def load_run(workdir: str) -> FinishedRun:
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
   args = ocp.args.StandardRestore(
       fallback_sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-  return FinishedRun(config, results, model,
-                     checkpointer.restore(os.path.join(root, "init"), args=args),
-                     checkpointer.restore(os.path.join(root, "final"), args=args))
+  def restore(name):
+    # Device arrays whether they were written as numpy (one process) or device arrays.
+    return jax.tree.map(jnp.asarray, checkpointer.restore(os.path.join(root, name), args=args))
+  return FinishedRun(config, results, model, restore("init"), restore("final"))
