@@ -15,9 +15,13 @@ the loop's progress, in the group directory (orbax); started again with the same
 group resumes from its newest checkpoint and ends as an unbroken group would, bit for bit (a
 batch is a function of the data key and the state's step, so nothing else needs restoring).
 
-Not (yet) the single run's numbers: the group reads its batches from the device
-(`groups.run_batch` semantics), not from the tf.data stream, so run i of a group equals a group
-of one of its seed, not `train.train_and_evaluate` of it. One device only for now.
+Where the batches come from (`data_placement`): with the union of the training images on
+device (small training sets, the default up to DEVICE_DATA_LIMIT_BYTES) the group draws them in
+the compiled loop (`groups.run_batch` semantics), not from the tf.data stream, so run i equals a
+group of one of its seed, not `train.train_and_evaluate` of it (the same distribution, other
+numbers); fed from the host (`data_on='host'`, large training sets) each run reads its own
+tf.data training and calibration streams, a window at a time, and is the seed's single run up
+to the vmapped step's float rounding. One process (its devices: a ("runs", "data") mesh).
 
 Keys of run `seed` beyond `run_keys(seed)`: data stream `fold_in(key(seed), DATA_STREAM)`,
 calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
@@ -67,6 +71,10 @@ DATA_STREAM = 3  # run_keys splits key(seed) in 3; fold_in(key(seed), 3) is inde
 CALIBRATION_STREAM = 4
 GROUP_DIR_SUFFIX = ".group"
 CHECKPOINT_INTERVAL_S = 60
+DATA_ON = ("auto", "device", "host")
+# `data_on='auto'`: the union of the runs' training images on device up to this many bytes
+# (uint8); above it, each run reads its tf.data stream on the host.
+DEVICE_DATA_LIMIT_BYTES = 1 << 30
 
 
 @flax.struct.dataclass
@@ -180,9 +188,38 @@ def _windows(steps: int, every: int, start: int = 0, *, offset: int = 0,
   return out
 
 
-def _train_window(loop, states, images, labels, keys, learning_rates, members):
+def _train_window(loop, states, *inputs):
   """One compiled call: every run trains for the window's steps. (states, metrics (R, S))."""
-  return loop(states, images, labels, keys, learning_rates, members)
+  return loop(states, *inputs)
+
+
+def data_placement(data_on: str, num_images: int, image_shape: Sequence[int]) -> str:
+  """Where a group's training batches come from: 'device' (the union of the runs' training
+  images on device, uint8; batches drawn inside the compiled loop) or 'host' (each run's own
+  tf.data stream, the batches the run alone reads, fed a window at a time). `data_on`: one of
+  DATA_ON; 'auto' is 'device' while the union, `num_images` of `image_shape`, takes at most
+  DEVICE_DATA_LIMIT_BYTES."""
+  from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  if data_on not in DATA_ON:
+    raise ConfigError(f"data_on={data_on!r} is unknown; accepted: {', '.join(DATA_ON)}")
+  if data_on != "auto":
+    return data_on
+  return "device" if num_images * math.prod(image_shape) <= DEVICE_DATA_LIMIT_BYTES else "host"
+
+
+def _next_batches(iterators, steps: int, sharding: NamedSharding) -> dict:
+  """The next `steps` batches of each run's stream, stacked (R, S, ...), placed by `sharding`."""
+  per_run = [jax.tree.map(lambda *b: np.stack(b), *[next(it) for _ in range(steps)])
+             for it in iterators]
+  return jax.device_put(jax.tree.map(lambda *r: np.stack(r), *per_run), sharding)
+
+
+def _fed_train_eval_batches(datas, sharding: NamedSharding) -> list[dict]:
+  """Each run's `Data.train_eval()` batches, stacked per run (R, B, ...), placed by `sharding`
+  (the runs' subsets have one size, so one number of batches)."""
+  per_run = [list(d.train_eval().as_numpy_iterator()) for d in datas]
+  return [jax.device_put(jax.tree.map(lambda *b: np.stack(b), *batches), sharding)
+          for batches in zip(*per_run)]
 
 
 def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
@@ -206,6 +243,19 @@ def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
   data_parallel = mesh.shape["data"] > 1
   return jax.jit(groups.group_train_loop(
       step, steps=steps, batch_size=batch_size, over_runs=over_runs, **dict(augmentation),
+      batch_sharding=NamedSharding(mesh, PartitionSpec("data")) if data_parallel else None,
+      runs_axis="runs" if data_parallel else None), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _fed_window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
+                     label_smoothing: float, over_runs: str, mesh: jax.sharding.Mesh):
+  """`groups.fed_train_loop` of the trainer's step (batches read on the host), jitted with the
+  states donated; each run's batch split on the mesh's `data` axis."""
+  step = _train_step(model, optimizer, wrapper, num_classes, label_smoothing)
+  data_parallel = mesh.shape["data"] > 1
+  return jax.jit(groups.fed_train_loop(
+      step, over_runs=over_runs,
       batch_sharding=NamedSharding(mesh, PartitionSpec("data")) if data_parallel else None,
       runs_axis="runs" if data_parallel else None), donate_argnums=0)
 
@@ -281,7 +331,7 @@ def runs_mesh(runs: int, data: int = 1) -> jax.sharding.Mesh:
 
 
 def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
-                 augmentation: dict, sharding: NamedSharding):
+                 augmentation: dict, sharding: NamedSharding, fed: bool = False):
   """The start of a stage of every run, as one program: the plan's switch, the calibration of
   the stage's unit (if any) on the run's next calibration batches, the optimizer policy.
 
@@ -292,6 +342,11 @@ def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_si
   the position of the calibration batches in each run's calibration stream. Every leaf of
   the result is placed by `sharding` (the runs' axis): the compiled loop takes them so, and
   XLA would place leaves it computes from constants (standardization flags) replicated.
+
+  With `fed` (batches read on the host): `(k, branch, states, fresh_keys, method_keys,
+  calibration_images) -> states` instead, calibration_images float32 (R, K, B, H, W, C), each
+  run's next K batches of its calibration stream (any values when `branch` is 0; None when the
+  plan calibrates nothing).
   """
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   units = calibrated_units(plan)
@@ -299,17 +354,12 @@ def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_si
   def calibration_branch(unit):
     return lambda variables, images: plan.calibration.apply(model.apply, variables, images, unit)
 
-  def one(k, branch, state, fresh_key, method_key, calibration_key, first, members, images,
-          labels):
+  def one(k, branch, state, fresh_key, method_key, calibration_images):
     fresh = model.init(jax.random.fold_in(fresh_key, k), dummy, train=False)
     switched = plan.switch(k, state.variables, fresh, state.memory,
                            jax.random.fold_in(method_key, k))
     variables = switched.variables
     if units:
-      steps = first + jnp.arange(plan.calibration.batches, dtype=jnp.int32)
-      calibration_images = jax.vmap(lambda t: groups.run_batch(
-          calibration_key, images, labels, members, t, batch_size=batch_size,
-          **augmentation)["image"])(steps)
       # The branches return one structure: the switched variables, a standardization set.
       variables = jax.lax.switch(
           branch, [lambda variables, _: variables] + [calibration_branch(u) for u in units],
@@ -320,7 +370,20 @@ def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_si
       opt_state = transforms.reset_opt_state(state.opt_state, switched.touched)
     return TrainState(state.step, variables, opt_state, switched.memory)
 
-  return rarely_run_jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0, None, 0, None, None)),
+  def drawn(k, branch, state, fresh_key, method_key, calibration_key, first, members, images,
+            labels):
+    calibration_images = None
+    if units:
+      steps = first + jnp.arange(plan.calibration.batches, dtype=jnp.int32)
+      calibration_images = jax.vmap(lambda t: groups.run_batch(
+          calibration_key, images, labels, members, t, batch_size=batch_size,
+          **augmentation)["image"])(steps)
+    return one(k, branch, state, fresh_key, method_key, calibration_images)
+
+  if fed:
+    return rarely_run_jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0)),
+                          out_shardings=sharding)
+  return rarely_run_jit(jax.vmap(drawn, in_axes=(None, None, 0, 0, 0, 0, None, 0, None, None)),
                         out_shardings=sharding)
 
 
@@ -367,7 +430,8 @@ def out_of_memory_error(error: Exception, num_runs: int):
 
 def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
                 group_dir: str | None = None, over_runs: str = "vmap",
-                checkpoint_interval_s: int = CHECKPOINT_INTERVAL_S) -> list[dict]:
+                checkpoint_interval_s: int = CHECKPOINT_INTERVAL_S,
+                data_on: str = "auto") -> list[dict]:
   """Trains the runs of `config` with each of `seeds` as one program; writes each run's
   `results.json` (single-run format) in its workdir; returns the runs' results.
 
@@ -383,6 +447,10 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       single run does. Checkpoints at `checkpoint_every_steps` and on preemption are always
       written. A group of small runs spends most of its time writing checkpoints otherwise
       (digits: 7 stage ends in ~10 s); resume is exact from any checkpoint.
+    data_on: 'auto', 'device' or 'host' (`data_placement`): the union of the training images
+      on device, batches drawn in the compiled loop (small training sets; `reinit.groups`'
+      semantics), or each run's own tf.data stream read on the host, a window at a time (large
+      ones; run i then trains on the batches the run alone trains on).
 
   Raises:
     ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, or a
@@ -390,7 +458,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     train.TrainingDiverged: a run's training loss became non-finite (names the run).
   """
   try:
-    return _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s)
+    return _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
+                        data_on)
   except jax.errors.JaxRuntimeError as e:
     error = out_of_memory_error(e, len(seeds))
     if error is None:
@@ -398,7 +467,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     raise error from e
 
 
-def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s):
+def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
+                 data_on):
   """`train_group`'s work."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
   start_time = time.perf_counter()
@@ -407,6 +477,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     raise ConfigError(f"seeds={seeds} and workdirs ({len(workdirs)}) must pair up one to one, "
                       "with distinct seeds")
   num_runs = len(seeds)
+  data_placement(data_on, 0, (1,))  # a bad value fails before anything is read or written
   configs = [seed_config(config, s) for s in seeds]
   for c in configs:
     validation.validate(c)
@@ -427,16 +498,21 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   if all(p.exists() for p in done):
     return [workdir_lib.read_json(p) for p in done]
 
-  # The union of the training images, on device once, and each run's members.
   indices, labels, members = union_of_subsets([d.train_subset() for d in datas])
-  distinct = np.unique(indices)
-  images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
-  images, labels, true_labels = jax.device_put(
-      (images, labels, datas[0].split_labels(indices)), replicated)
-  members = jax.device_put(members, by_run)
+  fed = data_placement(data_on, len(indices), info.image_shape) == "host"
   test_batches = _test_batches(datas[0], config, replicated)
-  train_batches = train_eval_batches(images, labels, true_labels, members,
-                                     config.eval_batch_size)
+  if fed:
+    images = labels = members = None
+    train_batches = _fed_train_eval_batches(datas, by_run)
+  else:
+    # The union of the training images, on device once, and each run's members.
+    distinct = np.unique(indices)
+    images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
+    images, labels, true_labels = jax.device_put(
+        (images, labels, datas[0].split_labels(indices)), replicated)
+    members = jax.device_put(members, by_run)
+    train_batches = train_eval_batches(images, labels, true_labels, members,
+                                       config.eval_batch_size)
 
   # Each run's initial state as a single run's on one device, then the runs spread.
   one_device = copy.deepcopy(config)
@@ -459,8 +535,19 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                          checkpoint_every=config.checkpoint_every_steps)})
   optimizer = optimizer_fields(config)
 
+  train_spec = datas[0].train().element_spec if fed else None
+
   class Loops(dict):
     def __missing__(self, n):
+      if fed:
+        self[n] = _compiled(
+            _fed_window_loop(model, optimizer, plan.optimizer, info.num_classes,
+                             config.label_smoothing, over_runs, mesh),
+            *_signature((states, {k: jax.ShapeDtypeStruct((num_runs, n, *v.shape),
+                                                          v.dtype.as_numpy_dtype, sharding=by_run)
+                                  for k, v in train_spec.items()},
+                         jax.ShapeDtypeStruct((n,), jnp.float32))))
+        return self[n]
       self[n] = _compiled(
           _window_loop(model, optimizer, plan.optimizer, info.num_classes,
                        config.label_smoothing, n, config.batch_size, over_runs,
@@ -485,8 +572,13 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   stage_start = _stage_start(model, tx, plan, info.image_shape,
                              reset_optimizer=config.reset_optimizer,
                              batch_size=config.batch_size, augmentation=augmentation,
-                             sharding=by_run)
+                             sharding=by_run, fed=fed)
   units_calibrated = calibrated_units(plan)
+  if fed and units_calibrated:
+    # The calibration input of stages that calibrate nothing (lax.switch's branch 0 ignores it).
+    calibration_zeros = jax.device_put(np.zeros(
+        (num_runs, plan.calibration.batches, config.batch_size, *info.image_shape), np.float32),
+        by_run)
 
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
@@ -516,22 +608,44 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       workdir_lib.save_checkpoint(manager, GroupState(jnp.int32(progress.global_step), states),
                                   dataclasses.asdict(progress), force=force)
 
+    if fed:
+      # Each run's streams as the run alone reads them, from where the group stopped.
+      per_calibration = plan.calibration.batches if plan.calibration else 0
+      train_iters = [d.train().skip(progress.global_step).as_numpy_iterator() for d in datas]
+      calibration_iters = [
+          d.train().skip(progress.calibrations * per_calibration).as_numpy_iterator()
+          for d in datas]
     every = config.checkpoint_every_steps
     must_save = False  # a checkpoint step or a preemption fell in the stage's last window
     for k in range(progress.stage, plan.num_stages):
       if progress.step_in_stage == 0 and k > 0:
         unit = plan.calibrated_unit(k)
         branch = 0 if unit is None else units_calibrated.index(unit) + 1
-        first = 0 if unit is None else progress.calibrations * plan.calibration.batches
-        states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys, method_keys,
-                             calibration_keys, jnp.int32(first), members, images, labels)
+        if fed:
+          calibration = None
+          if units_calibrated:
+            calibration = (_next_batches(calibration_iters, per_calibration, by_run)["image"]
+                           if unit is not None else calibration_zeros)
+          states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys,
+                               method_keys, calibration)
+        else:
+          first = 0 if unit is None else progress.calibrations * plan.calibration.batches
+          states = stage_start(jnp.int32(k), jnp.int32(branch), states, fresh_keys,
+                               method_keys, calibration_keys, jnp.int32(first), members,
+                               images, labels)
         progress.calibrations += unit is not None
       lrs = learning_rates[k]
       train_start = time.perf_counter()
       for first, length in _windows(len(lrs), config.log_every_steps, progress.step_in_stage,
                                     offset=int(stage_offsets[k]), checkpoint_every=every):
-        states, metrics = _train_window(loops[length], states, images, labels, data_keys,
-                                        jnp.asarray(lrs[first:first + length]), members)
+        window_rates = jnp.asarray(lrs[first:first + length])
+        if fed:
+          states, metrics = _train_window(loops[length], states,
+                                          _next_batches(train_iters, length, by_run),
+                                          window_rates)
+        else:
+          states, metrics = _train_window(loops[length], states, images, labels, data_keys,
+                                          window_rates, members)
         losses = np.asarray(metrics["loss"]).mean(axis=1)
         bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(losses))]
         if bad:

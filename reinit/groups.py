@@ -224,8 +224,7 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       return train_step(state, batch, learning_rate)
     return jax.lax.scan(body, state, (learning_rates, orders, jnp.arange(steps, dtype=jnp.int32)))
 
-  if over_runs not in OVER_RUNS:
-    raise ValueError(f"over_runs={over_runs!r} is unknown; accepted: {', '.join(OVER_RUNS)}")
+  _check_over_runs(over_runs)
   if over_runs == "vmap":
     grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None),
                        spmd_axis_name=runs_axis)
@@ -244,3 +243,45 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
     return grouped(states, keys, members, images, labels, learning_rates)
   return loop
 
+
+
+def fed_train_loop(train_step: Callable, *, over_runs: str = "vmap",
+                   batch_sharding: jax.sharding.NamedSharding | None = None,
+                   runs_axis: str | None = None):
+  """`group_train_loop` for batches read on the host (each run's own tf.data stream, as the run
+  alone reads it): the trainer's single-run step, vmapped over the runs and scanned over the
+  window's batches.
+
+  Args: as `group_train_loop`'s (no data on device, so no batch size or augmentation).
+
+  Returns:
+    A pure function `(states, batches, learning_rates) -> (states, metrics)`:
+      states: a run's state with a leading run axis R on every leaf;
+      batches: {'image': float32 (R, S, B, H, W, C), 'label': int32 (R, S, B)}, run r's next S
+        batches of its stream;
+      learning_rates: float32 (S,), shared by the runs;
+      metrics: the step's metrics with leading axes (R, S).
+  """
+  def run_loop(state, batches, learning_rates):
+    def body(state, xs):
+      learning_rate, batch = xs
+      if batch_sharding is not None:
+        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+      return train_step(state, batch, learning_rate)
+    return jax.lax.scan(body, state, (learning_rates, batches))
+
+  _check_over_runs(over_runs)
+  if over_runs == "vmap":
+    grouped = jax.vmap(run_loop, in_axes=(0, 0, None), spmd_axis_name=runs_axis)
+  else:
+    def grouped(states, batches, learning_rates):
+      return jax.lax.map(lambda run: run_loop(*run, learning_rates), (states, batches))
+
+  def loop(states, batches, learning_rates):
+    return grouped(states, batches, jnp.asarray(learning_rates, jnp.float32))
+  return loop
+
+
+def _check_over_runs(over_runs: str) -> None:
+  if over_runs not in OVER_RUNS:
+    raise ValueError(f"over_runs={over_runs!r} is unknown; accepted: {', '.join(OVER_RUNS)}")

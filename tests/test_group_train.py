@@ -43,11 +43,12 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _group(config, root, name, seeds, checkpoint_interval_s=0):
+def _group(config, root, name, seeds, checkpoint_interval_s=0, data_on="auto"):
   """A group trained in root/name/seed{s}; checkpoints at every stage end unless told."""
   workdirs = [os.path.join(root, name, f"seed{s}") for s in seeds]
   return workdirs, group_train.train_group(config, seeds, workdirs,
-                                           checkpoint_interval_s=checkpoint_interval_s)
+                                           checkpoint_interval_s=checkpoint_interval_s,
+                                           data_on=data_on)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +81,16 @@ def test_run_of_group_equals_group_of_one(groups_run):
                                               init_one["params"])))
 
 
-def test_results_have_single_run_format(groups_run, data_dir, tmp_path_factory):
+@pytest.fixture(scope="module")
+def alone(data_dir, tmp_path_factory):
+  """(workdir, results) of the single run of SEEDS[1] (`train.train_and_evaluate`)."""
+  workdir = str(tmp_path_factory.mktemp("single"))
+  return workdir, train.train_and_evaluate(_config(data_dir, seed=SEEDS[1]), workdir)
+
+
+def test_results_have_single_run_format(groups_run, alone):
   _, (all_dirs, results), (_, one_results) = groups_run
-  single = train.train_and_evaluate(_config(data_dir, seed=SEEDS[1]),
-                                    str(tmp_path_factory.mktemp("single")))
+  _, single = alone
   for workdir, result, seed in zip(all_dirs, results, SEEDS):
     with open(os.path.join(workdir, "results.json")) as f:
       written = json.load(f)
@@ -449,3 +456,56 @@ def test_group_devices_spread_runs_then_split_each_runs_batch(data_dir):
   assert mesh(12, 8) == (4, 2)
   assert mesh(4, -1) == (math.gcd(4, jax.device_count()),
                          jax.device_count() // math.gcd(4, jax.device_count()))
+
+
+# ---------------------------------------------------------------- batches read on the host
+
+
+def test_host_fed_group_trains_each_run_as_the_run_alone(groups_run, alone, data_dir,
+                                                         tmp_path):
+  # data_on='host': run i reads its own tf.data streams (training and LW's calibration after
+  # the switch), so it is the seed's single run, up to the vmapped step's float rounding.
+  workdirs, results = _group(_config(data_dir), str(tmp_path), "fed", SEEDS, data_on="host")
+  alone_dir, single = alone
+  result = results[1]  # SEEDS[1], between two other runs
+  assert result["test_accuracy"] == single["test_accuracy"]
+  assert result["train_accuracy"] == single["train_accuracy"]
+  np.testing.assert_allclose([s["test_loss"] for s in result["stages"]],
+                             [s["test_loss"] for s in single["stages"]], rtol=1e-4)
+  # Every leaf, the calibrated standardization included.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               _variables(workdirs[1], "final"), _variables(alone_dir, "final"))
+  # Not the device-drawn batches of data_on='device' (the default at this size).
+  _, (_, drawn), _ = groups_run
+  assert [s["test_loss"] for s in drawn[1]["stages"]] != [
+      s["test_loss"] for s in result["stages"]]
+
+
+def test_host_fed_group_resumes_exactly(data_dir, tmp_path, monkeypatch):
+  # Killed in stage 1 one window after the checkpoint of step 9: the streams skip what the
+  # group consumed (9 training steps, stage 1's calibration batches).
+  windows, resumed_at = 7, 9
+  config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
+  expected_dirs, expected = _group(config, str(tmp_path), "unbroken", SEEDS[:2], data_on="host")
+  _kill_after(monkeypatch, windows)
+  with pytest.raises(Killed):
+    _group(config, str(tmp_path), "g", SEEDS[:2], data_on="host")
+  monkeypatch.undo()
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2], data_on="host")
+  for workdir, expected_dir, result, unbroken_result in zip(workdirs, expected_dirs, results,
+                                                            expected):
+    assert result["resumed_from"] == [resumed_at]
+    assert _comparable(result) == _comparable(unbroken_result)
+    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
+                 _variables(expected_dir, "final"))
+
+
+def test_data_placement_puts_small_unions_on_device_and_large_ones_on_the_host():
+  limit = group_train.DEVICE_DATA_LIMIT_BYTES
+  assert group_train.data_placement("auto", limit // 3072, (32, 32, 3)) == "device"
+  assert group_train.data_placement("auto", limit // 3072 + 1, (32, 32, 3)) == "host"
+  assert group_train.data_placement("host", 10, (8, 8, 1)) == "host"
+  assert group_train.data_placement("device", 10**9, (32, 32, 3)) == "device"
+  with pytest.raises(train.ConfigError, match="data_on='disk' is unknown; accepted: auto, "
+                     "device, host"):
+    group_train.data_placement("disk", 10, (8, 8, 1))
