@@ -142,16 +142,22 @@ def _comparable(result):
 # (step 6: the switch and calibration run again); in stage 1 one window after that of step 9.
 @pytest.mark.parametrize("windows,resumed_at", [(3, 3), (4, 6), (7, 9)])
 def test_resumed_group_equals_unbroken(unbroken, tmp_path, monkeypatch, windows, resumed_at):
-  config, (unbroken_dirs, unbroken_results) = unbroken
+  config, expected = unbroken
+  _killed_then_resumed_equals(expected, config, tmp_path, monkeypatch, windows, resumed_at)
+
+
+def _killed_then_resumed_equals(expected, config, tmp_path, monkeypatch, windows: int,
+                                resumed_at: int, **group_args):
+  """A group of SEEDS[:2] killed after `windows` windows, then started again, resumes from
+  step `resumed_at` and ends as `expected` (workdirs, results) bit for bit."""
   _kill_after(monkeypatch, windows)
   with pytest.raises(Killed):
-    _group(config, str(tmp_path), "g", SEEDS[:2])
+    _group(config, str(tmp_path), "g", SEEDS[:2], **group_args)
   monkeypatch.undo()
-  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2])
-  for workdir, expected_dir, result, expected in zip(workdirs, unbroken_dirs, results,
-                                                     unbroken_results):
+  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2], **group_args)
+  for workdir, expected_dir, unbroken_result, result in zip(workdirs, *expected, results):
     assert result["resumed_from"] == [resumed_at]
-    assert _comparable(result) == _comparable(expected)
+    assert _comparable(result) == _comparable(unbroken_result)
     jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
                  _variables(expected_dir, "final"))
 
@@ -484,20 +490,9 @@ def test_host_fed_group_trains_each_run_as_the_run_alone(groups_run, alone, data
 def test_host_fed_group_resumes_exactly(data_dir, tmp_path, monkeypatch):
   # Killed in stage 1 one window after the checkpoint of step 9: the streams skip what the
   # group consumed (9 training steps, stage 1's calibration batches).
-  windows, resumed_at = 7, 9
   config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
-  expected_dirs, expected = _group(config, str(tmp_path), "unbroken", SEEDS[:2], data_on="host")
-  _kill_after(monkeypatch, windows)
-  with pytest.raises(Killed):
-    _group(config, str(tmp_path), "g", SEEDS[:2], data_on="host")
-  monkeypatch.undo()
-  workdirs, results = _group(config, str(tmp_path), "g", SEEDS[:2], data_on="host")
-  for workdir, expected_dir, result, unbroken_result in zip(workdirs, expected_dirs, results,
-                                                            expected):
-    assert result["resumed_from"] == [resumed_at]
-    assert _comparable(result) == _comparable(unbroken_result)
-    jax.tree.map(np.testing.assert_array_equal, _variables(workdir, "final"),
-                 _variables(expected_dir, "final"))
+  expected = _group(config, str(tmp_path), "unbroken", SEEDS[:2], data_on="host")
+  _killed_then_resumed_equals(expected, config, tmp_path, monkeypatch, 7, 9, data_on="host")
 
 
 def test_data_placement_puts_small_unions_on_device_and_large_ones_on_the_host():
