@@ -75,6 +75,9 @@ DATA_ON = ("auto", "device", "host")
 # `data_on='auto'`: the union of the runs' training images on device up to this many bytes
 # (uint8); above it, each run reads its tf.data stream on the host.
 DEVICE_DATA_LIMIT_BYTES = 1 << 30
+# Host-fed groups: the most bytes of input batches fed in one compiled call (a logging window
+# is split into calls of fewer steps when its batches would take more).
+FED_INPUT_BYTES = 1 << 28
 
 
 @flax.struct.dataclass
@@ -214,12 +217,22 @@ def _next_batches(iterators, steps: int, sharding: NamedSharding) -> dict:
   return jax.device_put(jax.tree.map(lambda *r: np.stack(r), *per_run), sharding)
 
 
-def _fed_train_eval_batches(datas, sharding: NamedSharding) -> list[dict]:
-  """Each run's `Data.train_eval()` batches, stacked per run (R, B, ...), placed by `sharding`
-  (the runs' subsets have one size, so one number of batches)."""
-  per_run = [list(d.train_eval().as_numpy_iterator()) for d in datas]
-  return [jax.device_put(jax.tree.map(lambda *b: np.stack(b), *batches), sharding)
-          for batches in zip(*per_run)]
+class _FedTrainEval:
+  """Each run's `Data.train_eval()` batches, stacked per run (R, B, ...) and placed by
+  `sharding` one at a time, at every iteration (the runs' subsets have one size, so one number
+  of batches): a large training set is never on device whole."""
+
+  def __init__(self, datas, sharding: NamedSharding):
+    self._datasets, self._sharding = [d.train_eval() for d in datas], sharding
+
+  def __iter__(self):
+    for batches in zip(*[ds.as_numpy_iterator() for ds in self._datasets]):
+      yield jax.device_put(jax.tree.map(lambda *b: np.stack(b), *batches), self._sharding)
+
+
+def _fed_chunks(length: int, chunk: int) -> list[int]:
+  """The lengths a host-fed window of `length` steps is fed in: `chunk` steps at most."""
+  return [min(chunk, length - i) for i in range(0, length, chunk)]
 
 
 def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
@@ -298,7 +311,6 @@ def _one_run_step_flops(model, optimizer, wrapper, num_classes, label_smoothing,
   return flops(_compiled(step, *_signature((state, batch, jnp.float32(0)))))
 
 
-@functools.lru_cache(maxsize=16)
 @functools.lru_cache(maxsize=16)
 def _group_eval_step(model, num_classes: int, shared_batches: bool):
   """The eval step of every run at once: batches shared by the runs (the test split) or
@@ -404,13 +416,16 @@ def _stop_preempted(manager, group_dir: str, step: int):
                         "run the same command again to resume", step)
 
 
-def group_dir_of(workdirs: Sequence[str], seeds: Sequence[int]) -> str:
+def group_dir_of(workdirs: Sequence[str], seeds: Sequence[int],
+                 placement: str = "device") -> str:
   """The default group directory: next to the first run's workdir, named by the group's seeds
-  (a group of other seeds, e.g. under another runs_per_program, never restores it)."""
+  and, for a host-fed group, `.host` (a group of other seeds, e.g. under another
+  runs_per_program, or whose batches come from elsewhere, never restores it)."""
   seeds = [int(s) for s in seeds]
   tag = ("-".join(map(str, seeds)) if len(seeds) <= 8 else
          f"{len(seeds)}-" + hashlib.sha1(repr(seeds).encode()).hexdigest()[:10])
-  return f"{os.path.normpath(workdirs[0])}.seeds={tag}{GROUP_DIR_SUFFIX}"
+  fed = ".host" if placement == "host" else ""
+  return f"{os.path.normpath(workdirs[0])}.seeds={tag}{fed}{GROUP_DIR_SUFFIX}"
 
 
 def out_of_memory_error(error: Exception, num_runs: int):
@@ -439,7 +454,8 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     config: a `configs/benchmark.py` config (its `seed` is replaced by each of `seeds`).
     seeds: R distinct seeds.
     workdirs: R run directories, one per seed (claimed as single runs claim theirs).
-    group_dir: the group's checkpoints; default `group_dir_of(workdirs, seeds)`.
+    group_dir: the group's checkpoints; default `group_dir_of(workdirs, seeds, placement)`
+      (one of your own: keep `data_on`'s placement when resuming).
     over_runs: 'vmap' or 'map' (`groups.group_train_loop`: on CPU with conv='xla', vmapped
       convolutions become grouped ones, several times slower than the runs one by one).
     checkpoint_interval_s: stage ends checkpoint the group only when this many seconds passed
@@ -503,7 +519,10 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   test_batches = _test_batches(datas[0], config, replicated)
   if fed:
     images = labels = members = None
-    train_batches = _fed_train_eval_batches(datas, by_run)
+    train_batches = _FedTrainEval(datas, by_run)
+    # Steps fed at once: a window's input on device stays under FED_INPUT_BYTES (float32).
+    fed_chunk = max(1, FED_INPUT_BYTES // (
+        4 * num_runs * config.batch_size * math.prod(info.image_shape)))
   else:
     # The union of the training images, on device once, and each run's members.
     distinct = np.unique(indices)
@@ -533,6 +552,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   lengths = sorted({n for lrs, offset in zip(learning_rates, stage_offsets)
                     for _, n in _windows(len(lrs), config.log_every_steps, offset=int(offset),
                                          checkpoint_every=config.checkpoint_every_steps)})
+  if fed:
+    lengths = sorted({c for n in lengths for c in _fed_chunks(n, fed_chunk)})
   optimizer = optimizer_fields(config)
 
   train_spec = datas[0].train().element_spec if fed else None
@@ -583,7 +604,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)
              for w in workdirs]
-  group_dir = group_dir or group_dir_of(workdirs, seeds)
+  group_dir = group_dir or group_dir_of(workdirs, seeds, "host" if fed else "device")
   manager = workdir_lib.checkpoint_manager(group_dir, min_interval_s=checkpoint_interval_s or None)
   # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
   notice = preemption.Notice()
@@ -614,7 +635,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       train_iters = [d.train().skip(progress.global_step).as_numpy_iterator() for d in datas]
       calibration_iters = [
           d.train().skip(progress.calibrations * per_calibration).as_numpy_iterator()
-          for d in datas]
+          for d in datas] if units_calibrated else []
     every = config.checkpoint_every_steps
     must_save = False  # a checkpoint step or a preemption fell in the stage's last window
     for k in range(progress.stage, plan.num_stages):
@@ -640,9 +661,15 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                     offset=int(stage_offsets[k]), checkpoint_every=every):
         window_rates = jnp.asarray(lrs[first:first + length])
         if fed:
-          states, metrics = _train_window(loops[length], states,
-                                          _next_batches(train_iters, length, by_run),
-                                          window_rates)
+          parts, done = [], 0
+          for n in _fed_chunks(length, fed_chunk):
+            states, part = _train_window(loops[n], states,
+                                         _next_batches(train_iters, n, by_run),
+                                         window_rates[done:done + n])
+            parts.append(part)
+            done += n
+          metrics = jax.tree.map(lambda *p: np.concatenate([np.asarray(x) for x in p], axis=1),
+                                 *parts)
         else:
           states, metrics = _train_window(loops[length], states, images, labels, data_keys,
                                           window_rates, members)

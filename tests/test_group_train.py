@@ -487,12 +487,25 @@ def test_host_fed_group_trains_each_run_as_the_run_alone(groups_run, alone, data
       s["test_loss"] for s in result["stages"]]
 
 
-def test_host_fed_group_resumes_exactly(data_dir, tmp_path, monkeypatch):
-  # Killed in stage 1 one window after the checkpoint of step 9: the streams skip what the
-  # group consumed (9 training steps, stage 1's calibration batches).
+# Killed in stage 1 one window after the checkpoint of step 9: the streams skip what the group
+# consumed (9 training steps, stage 1's calibration batches). Fed a step per call (input bytes
+# capped): killed after step 7, in a window, it resumes from the checkpoint of step 6.
+@pytest.mark.parametrize("input_bytes,calls,resumed_at", [(None, 7, 9), (1, 7, 6)])
+def test_host_fed_group_resumes_exactly(data_dir, tmp_path, monkeypatch, input_bytes, calls,
+                                        resumed_at):
+  if input_bytes is not None:
+    monkeypatch.setattr(group_train, "FED_INPUT_BYTES", input_bytes)
   config = _config(data_dir, epochs_per_stage=2, checkpoint_every_steps=3)
   expected = _group(config, str(tmp_path), "unbroken", SEEDS[:2], data_on="host")
-  _killed_then_resumed_equals(expected, config, tmp_path, monkeypatch, 7, 9, data_on="host")
+  with pytest.MonkeyPatch.context() as killing:
+    _killed_then_resumed_equals(expected, config, tmp_path, killing, calls, resumed_at,
+                                data_on="host")
+
+
+def test_fed_chunks_cut_a_window_into_calls_of_at_most_chunk_steps():
+  assert group_train._fed_chunks(7, 3) == [3, 3, 1]  # pylint: disable=protected-access
+  assert group_train._fed_chunks(6, 3) == [3, 3]  # pylint: disable=protected-access
+  assert group_train._fed_chunks(2, 100) == [2]  # pylint: disable=protected-access
 
 
 def test_data_placement_puts_small_unions_on_device_and_large_ones_on_the_host():
@@ -504,3 +517,10 @@ def test_data_placement_puts_small_unions_on_device_and_large_ones_on_the_host()
   with pytest.raises(train.ConfigError, match="data_on='disk' is unknown; accepted: auto, "
                      "device, host"):
     group_train.data_placement("disk", 10, (8, 8, 1))
+
+
+def test_host_fed_and_device_groups_never_restore_each_others_checkpoints():
+  # Their batches differ: a checkpoint of one continued by the other would match neither.
+  device = group_train.group_dir_of(["/r/seed0", "/r/seed1"], [0, 1])
+  host = group_train.group_dir_of(["/r/seed0", "/r/seed1"], [0, 1], "host")
+  assert device == "/r/seed0.seeds=0-1.group" and host == "/r/seed0.seeds=0-1.host.group"
