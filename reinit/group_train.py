@@ -212,9 +212,13 @@ def data_placement(data_on: str, num_images: int, image_shape: Sequence[int]) ->
 
 def _next_batches(iterators, steps: int, sharding: NamedSharding) -> dict:
   """The next `steps` batches of each run's stream, stacked (R, S, ...), placed by `sharding`."""
-  per_run = [jax.tree.map(lambda *b: np.stack(b), *[next(it) for _ in range(steps)])
-             for it in iterators]
-  return jax.device_put(jax.tree.map(lambda *r: np.stack(r), *per_run), sharding)
+  per_run = [_host_stack([next(it) for _ in range(steps)]) for it in iterators]
+  return jax.device_put(_host_stack(per_run), sharding)
+
+
+def _host_stack(trees: list) -> PyTree:
+  """Trees of numpy arrays stacked leaf by leaf on a new leading axis, on the host."""
+  return jax.tree.map(lambda *leaves: np.stack(leaves), *trees)
 
 
 class _FedTrainEval:
@@ -227,7 +231,7 @@ class _FedTrainEval:
 
   def __iter__(self):
     for batches in zip(*[ds.as_numpy_iterator() for ds in self._datasets]):
-      yield jax.device_put(jax.tree.map(lambda *b: np.stack(b), *batches), self._sharding)
+      yield jax.device_put(_host_stack(batches), self._sharding)
 
 
 def _fed_chunks(length: int, chunk: int) -> list[int]:
@@ -253,11 +257,9 @@ def _window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: int,
   """`groups.group_train_loop` of the trainer's step, jitted with the states donated; each
   run's batch split on the mesh's `data` axis."""
   step = _train_step(model, optimizer, wrapper, num_classes, label_smoothing)
-  data_parallel = mesh.shape["data"] > 1
   return jax.jit(groups.group_train_loop(
       step, steps=steps, batch_size=batch_size, over_runs=over_runs, **dict(augmentation),
-      batch_sharding=NamedSharding(mesh, PartitionSpec("data")) if data_parallel else None,
-      runs_axis="runs" if data_parallel else None), donate_argnums=0)
+      **_data_parallel(mesh)), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -266,11 +268,16 @@ def _fed_window_loop(model, optimizer: OptimizerFields, wrapper, num_classes: in
   """`groups.fed_train_loop` of the trainer's step (batches read on the host), jitted with the
   states donated; each run's batch split on the mesh's `data` axis."""
   step = _train_step(model, optimizer, wrapper, num_classes, label_smoothing)
-  data_parallel = mesh.shape["data"] > 1
-  return jax.jit(groups.fed_train_loop(
-      step, over_runs=over_runs,
-      batch_sharding=NamedSharding(mesh, PartitionSpec("data")) if data_parallel else None,
-      runs_axis="runs" if data_parallel else None), donate_argnums=0)
+  return jax.jit(groups.fed_train_loop(step, over_runs=over_runs, **_data_parallel(mesh)),
+                 donate_argnums=0)
+
+
+def _data_parallel(mesh: jax.sharding.Mesh) -> dict:
+  """The loops' `batch_sharding` and `runs_axis` on the group's mesh: each run's batch split
+  on its `data` axis when that has more than one device, else left to XLA."""
+  if mesh.shape["data"] == 1:
+    return dict(batch_sharding=None, runs_axis=None)
+  return dict(batch_sharding=NamedSharding(mesh, PartitionSpec("data")), runs_axis="runs")
 
 
 def _signature(args) -> tuple:
@@ -556,7 +563,10 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     lengths = sorted({c for n in lengths for c in _fed_chunks(n, fed_chunk)})
   optimizer = optimizer_fields(config)
 
-  train_spec = datas[0].train().element_spec if fed else None
+  # A run's training batch, as its tf.data stream yields it (`Data.train`).
+  batch_spec = {
+      "image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32),
+      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
 
   class Loops(dict):
     def __missing__(self, n):
@@ -564,9 +574,9 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         self[n] = _compiled(
             _fed_window_loop(model, optimizer, plan.optimizer, info.num_classes,
                              config.label_smoothing, over_runs, mesh),
-            *_signature((states, {k: jax.ShapeDtypeStruct((num_runs, n, *v.shape),
-                                                          v.dtype.as_numpy_dtype, sharding=by_run)
-                                  for k, v in train_spec.items()},
+            *_signature((states, {k: jax.ShapeDtypeStruct((num_runs, n, *v.shape), v.dtype,
+                                                          sharding=by_run)
+                                  for k, v in batch_spec.items()},
                          jax.ShapeDtypeStruct((n,), jnp.float32))))
         return self[n]
       self[n] = _compiled(
@@ -585,9 +595,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   train_step_flops = _one_run_step_flops(
       single_model, optimizer, plan.optimizer,
       info.num_classes, config.label_smoothing,
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states),
-      {"image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32),
-       "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)})
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states), batch_spec)
   eval_test = _group_eval_step(model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(model, info.num_classes, shared_batches=False)
   stage_start = _stage_start(model, tx, plan, info.image_shape,

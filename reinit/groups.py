@@ -219,19 +219,10 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       learning_rate, indices, i = xs
       batch = _gather(images, labels, indices, jax.random.fold_in(augment_key, start + i),
                       pad=pad, flip=flip, pad_mode=pad_mode)
-      if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      return train_step(state, batch, learning_rate)
+      return train_step(state, _placed(batch, batch_sharding), learning_rate)
     return jax.lax.scan(body, state, (learning_rates, orders, jnp.arange(steps, dtype=jnp.int32)))
 
-  _check_over_runs(over_runs)
-  if over_runs == "vmap":
-    grouped = jax.vmap(run_loop, in_axes=(0, 0, 0, None, None, None),
-                       spmd_axis_name=runs_axis)
-  else:
-    def grouped(states, keys, members, images, labels, learning_rates):
-      return jax.lax.map(lambda run: run_loop(*run, images, labels, learning_rates),
-                         (states, keys, members))
+  grouped = _over_runs(run_loop, 3, over_runs, runs_axis)  # state, key, members: per run
 
   def loop(states, images, labels, keys, learning_rates, members=None):
     if members is None:
@@ -242,7 +233,6 @@ def group_train_loop(train_step: Callable, *, steps: int, batch_size: int, pad: 
       raise ValueError(f"learning_rates has shape {learning_rates.shape}; expected ({steps},)")
     return grouped(states, keys, members, images, labels, learning_rates)
   return loop
-
 
 
 def fed_train_loop(train_step: Callable, *, over_runs: str = "vmap",
@@ -265,23 +255,31 @@ def fed_train_loop(train_step: Callable, *, over_runs: str = "vmap",
   def run_loop(state, batches, learning_rates):
     def body(state, xs):
       learning_rate, batch = xs
-      if batch_sharding is not None:
-        batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-      return train_step(state, batch, learning_rate)
+      return train_step(state, _placed(batch, batch_sharding), learning_rate)
     return jax.lax.scan(body, state, (learning_rates, batches))
 
-  _check_over_runs(over_runs)
-  if over_runs == "vmap":
-    grouped = jax.vmap(run_loop, in_axes=(0, 0, None), spmd_axis_name=runs_axis)
-  else:
-    def grouped(states, batches, learning_rates):
-      return jax.lax.map(lambda run: run_loop(*run, learning_rates), (states, batches))
+  grouped = _over_runs(run_loop, 2, over_runs, runs_axis)  # state, batches: per run
 
   def loop(states, batches, learning_rates):
     return grouped(states, batches, jnp.asarray(learning_rates, jnp.float32))
   return loop
 
 
-def _check_over_runs(over_runs: str) -> None:
+def _placed(batch: dict, sharding: jax.sharding.NamedSharding | None) -> dict:
+  """`batch` constrained to `sharding` (None: where XLA puts it)."""
+  return batch if sharding is None else jax.lax.with_sharding_constraint(batch, sharding)
+
+
+def _over_runs(run_loop: Callable, per_run: int, over_runs: str, runs_axis: str | None):
+  """`run_loop` of every run: its first `per_run` arguments carry a leading run axis, the
+  others are shared. 'vmap': the runs' steps batched into one (the run axis on mesh axis
+  `runs_axis`); 'map': the runs one after the other (`lax.map`)."""
   if over_runs not in OVER_RUNS:
     raise ValueError(f"over_runs={over_runs!r} is unknown; accepted: {', '.join(OVER_RUNS)}")
+
+  def grouped(*args):
+    if over_runs == "vmap":
+      in_axes = (0,) * per_run + (None,) * (len(args) - per_run)
+      return jax.vmap(run_loop, in_axes=in_axes, spmd_axis_name=runs_axis)(*args)
+    return jax.lax.map(lambda run: run_loop(*run, *args[per_run:]), args[:per_run])
+  return grouped
