@@ -58,6 +58,10 @@ _TASK_INDEX = flags.DEFINE_integer("task_index", 0, "Run only the programs i wit
                                    "program is a group of seeds, or one run with "
                                    "--runs_per_program=1).")
 _NUM_TASKS = flags.DEFINE_integer("num_tasks", 1, "How many tasks share the sweep.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first; every process "
+    "then runs the same sweep, each program (a group, or one run) over all processes' devices "
+    "(a group's runs spread over them: reinit.group_train). Local scheduler only.")
 _RUNS_PER_PROGRAM = flags.DEFINE_integer(
     "runs_per_program", 0, "Runs that differ only in `seed` train as one program "
     "(reinit.group_train), at most R of them; 0 (default): all seeds of a combination; 1: one "
@@ -348,6 +352,14 @@ def main(argv):
   config_path, arg, cli_overrides = config_flag_parts()
   check_sharding(_TASK_INDEX.value, _NUM_TASKS.value)
   check_runs_per_program(_RUNS_PER_PROGRAM.value)
+  if _DISTRIBUTED.value:
+    if _SCHEDULER.value != "local" or _DRY_RUN.value or _NUM_TASKS.value != 1:
+      common.fail(f"distributed is for running every program here, over all processes; "
+                  f"accepted: --scheduler=local, no --dry_run, --num_tasks=1 (got "
+                  f"--scheduler={_SCHEDULER.value}{' --dry_run' if _DRY_RUN.value else ''} "
+                  f"--num_tasks={_NUM_TASKS.value})")
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   failed = []
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,

@@ -77,13 +77,14 @@ def evaluate(eval_step, variables: PyTree, batches) -> dict[str, float]:
   return summary(merged(eval_step, variables, batches))
 
 
-def merged(eval_step, variables: PyTree, batches) -> EvalMetrics:
-  """The eval step's metrics merged over `batches`, on the host (numpy totals)."""
+def merged(eval_step, variables: PyTree, batches, fetch=jax.device_get) -> EvalMetrics:
+  """The eval step's metrics merged over `batches`, on the host (numpy totals, read by `fetch`:
+  e.g. a gather from every process where each holds part of them)."""
   totals = None
   for batch in batches:
     metrics = eval_step(variables, batch)
     totals = metrics if totals is None else totals.merge(metrics)
-  return jax.device_get(totals)
+  return fetch(totals)
 
 
 def summary(totals: EvalMetrics) -> dict[str, float]:

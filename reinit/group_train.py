@@ -21,7 +21,10 @@ the compiled loop (`groups.run_batch` semantics), not from the tf.data stream, s
 group of one of its seed, not `train.train_and_evaluate` of it (the same distribution, other
 numbers); fed from the host (`data_on='host'`, large training sets) each run reads its own
 tf.data training and calibration streams, a window at a time, and is the seed's single run up
-to the vmapped step's float rounding. One process (its devices: a ("runs", "data") mesh).
+to the vmapped step's float rounding. Devices: a ("runs", "data") mesh (`group_devices`),
+over several processes too (`jax.distributed`; device-fed groups only): every process computes
+the same initial states and reads the whole training subset, the runs' states live on their
+rows' devices, and metrics are gathered to every process (process 0 writes).
 
 Keys of run `seed` beyond `run_keys(seed)`: data stream `fold_in(key(seed), DATA_STREAM)`,
 calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
@@ -166,7 +169,7 @@ def _test_batches(data, config, sharding) -> list[dict]:
   if key not in _TEST_BATCHES:
     while len(_TEST_BATCHES) >= 2:
       _TEST_BATCHES.pop(next(iter(_TEST_BATCHES)))
-    _TEST_BATCHES[key] = [jax.device_put(b, sharding)
+    _TEST_BATCHES[key] = [_placed(b, sharding)
                           for b in data.eval(config.test_split).as_numpy_iterator()]
   return _TEST_BATCHES[key]
 
@@ -216,6 +219,28 @@ def _next_batches(iterators, steps: int, sharding: NamedSharding) -> dict:
   return jax.device_put(_host_stack(per_run), sharding)
 
 
+def _placed(tree: PyTree, sharding: NamedSharding) -> PyTree:
+  """Values every process holds equal (numpy, or arrays on its own devices) -> arrays placed by
+  `sharding`, whose devices may be other processes' too."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # placed as their raw bits
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(put, tree)
+
+
+def _fetched(tree: PyTree) -> PyTree:
+  """Arrays -> numpy on the host, gathered from every process when this one holds only part
+  of them (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _host_stack(trees: list) -> PyTree:
   """Trees of numpy arrays stacked leaf by leaf on a new leading axis, on the host."""
   return jax.tree.map(lambda *leaves: np.stack(leaves), *trees)
@@ -241,8 +266,8 @@ def _fed_chunks(length: int, chunk: int) -> list[int]:
 
 def _eval_group(eval_step, variables, batches, num_runs: int) -> list[dict]:
   """`evaluation.evaluate` of each run: metrics merged over batches, per-run totals read."""
-  totals = evaluation.merged(eval_step, variables, batches)
-  return [evaluation.summary(jax.tree.map(lambda x, i=i: np.asarray(x)[i], totals))
+  totals = evaluation.merged(eval_step, variables, batches, fetch=_fetched)
+  return [evaluation.summary(jax.tree.map(lambda x, i=i: x[i], totals))
           for i in range(num_runs)]
 
 
@@ -335,18 +360,22 @@ def group_devices(config, num_runs: int) -> tuple[int, int]:
   devices divide batch_size."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from reinit.validation import num_devices  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    raise ConfigError(f"a group of runs trains in one process, not {jax.process_count()}; "
-                      "accepted: runs_per_program=1 for multi-process runs")
   devices = num_devices(config)
+  if jax.process_count() > 1 and devices != jax.device_count():
+    # Every process holds part of the group's arrays and takes part in its collectives.
+    raise ConfigError(f"num_devices={config.get('num_devices', -1)} is invalid for a group over "
+                      f"{jax.process_count()} processes; accepted: -1 or {jax.device_count()} "
+                      "(every process's devices)")
   runs = math.gcd(num_runs, devices)
   return runs, devices // runs
 
 
 def runs_mesh(runs: int, data: int = 1) -> jax.sharding.Mesh:
-  """The group's ("runs", "data") mesh over the first runs x data devices."""
-  return jax.sharding.Mesh(np.array(jax.devices()[:runs * data]).reshape(runs, data),
-                           ("runs", "data"))
+  """The group's ("runs", "data") mesh over the first runs x data devices, each process's side
+  by side: with several processes, a run's row lies within one process when it fits there (its
+  batch and gradients are then reduced without traffic between processes)."""
+  devices = sorted(jax.devices(), key=lambda d: d.process_index)[:runs * data]
+  return jax.sharding.Mesh(np.array(devices).reshape(runs, data), ("runs", "data"))
 
 
 def _stage_start(model, tx, plan, image_shape, *, reset_optimizer: str, batch_size: int,
@@ -507,7 +536,9 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   mesh = runs_mesh(*group_devices(config, num_runs))
   by_run, replicated = NamedSharding(mesh, PartitionSpec("runs")), NamedSharding(mesh,
                                                                                   PartitionSpec())
-  first_data = train._load_data(configs[0])  # pylint: disable=protected-access
+  # Every process reads whole batches: the group's data and evaluation sets are on every device
+  # (a multi-process group is device-fed; a host-fed one is refused below).
+  first_data = train._load_data(configs[0], process_index=0, process_count=1)  # pylint: disable=protected-access
   datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
   keys = [run_keys(s) for s in seeds]
@@ -515,14 +546,18 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   units = tree_lib.layer_order(single_model, keys[0].init,
                                jnp.zeros((1, *info.image_shape), jnp.float32), train=False)
   plan = train._plan(config, units)  # pylint: disable=protected-access
+  indices, labels, members = union_of_subsets([d.train_subset() for d in datas])
+  fed = data_placement(data_on, len(indices), info.image_shape) == "host"
+  if fed and jax.process_count() > 1:
+    raise ConfigError(
+        f"a group fed from the host (data_on={data_on!r}, {len(indices)} training images) "
+        f"trains in one process, not {jax.process_count()}; accepted: runs_per_program=1, or "
+        "train_group(..., data_on='device') to hold the training images on every device")
   for c, w in zip(configs, workdirs):
     workdir_lib.claim(c, w)
   done = [workdir_lib.path(w, train.RESULTS_FILE) for w in workdirs]
   if all(p.exists() for p in done):
     return [workdir_lib.read_json(p) for p in done]
-
-  indices, labels, members = union_of_subsets([d.train_subset() for d in datas])
-  fed = data_placement(data_on, len(indices), info.image_shape) == "host"
   test_batches = _test_batches(datas[0], config, replicated)
   if fed:
     images = labels = members = None
@@ -534,19 +569,21 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     # The union of the training images, on device once, and each run's members.
     distinct = np.unique(indices)
     images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
-    images, labels, true_labels = jax.device_put(
+    images, labels, true_labels = _placed(
         (images, labels, datas[0].split_labels(indices)), replicated)
-    members = jax.device_put(members, by_run)
+    members = _placed(members, by_run)
     train_batches = train_eval_batches(images, labels, true_labels, members,
                                        config.eval_batch_size)
 
-  # Each run's initial state as a single run's on one device, then the runs spread.
+  # Each run's initial state as a single run's on one device (of this process; every process
+  # computes them all), then the runs spread.
   one_device = copy.deepcopy(config)
   one_device.num_devices = 1
-  runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs)
+  runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs,
+                          devices=jax.local_devices()[:1])
   model, tx = runtime.model, runtime.tx
-  states = jax.device_put(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
-  data_keys, calibration_keys, fresh_keys, method_keys = jax.device_put((
+  states = _placed(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
+  data_keys, calibration_keys, fresh_keys, method_keys = _placed((
       jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds]),
       jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM) for s in seeds]),
       jnp.stack([k.fresh for k in keys]), jnp.stack([k.method for k in keys])), by_run)
@@ -618,7 +655,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   notice = preemption.Notice()
   try:
     restored = workdir_lib.restore_latest(
-        manager, workdir_lib.abstract(GroupState(jnp.zeros((), jnp.int32), states)))
+        manager, workdir_lib.abstract(GroupState(_placed(np.int32(0), replicated), states)))
     if restored is None:
       progress = train.Progress(stage_results=[[] for _ in seeds])  # a list per run
       for c, writer in zip(configs, writers):
@@ -634,7 +671,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                    progress.stage)
 
     def save(force=True):
-      workdir_lib.save_checkpoint(manager, GroupState(jnp.int32(progress.global_step), states),
+      workdir_lib.save_checkpoint(manager, GroupState(_placed(np.int32(progress.global_step), replicated), states),
                                   dataclasses.asdict(progress), force=force)
 
     if fed:
@@ -646,6 +683,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
           for d in datas] if units_calibrated else []
     every = config.checkpoint_every_steps
     must_save = False  # a checkpoint step or a preemption fell in the stage's last window
+    stop_at_end = False  # the preemption fell in the stage's last window
     for k in range(progress.stage, plan.num_stages):
       if progress.step_in_stage == 0 and k > 0:
         unit = plan.calibrated_unit(k)
@@ -676,12 +714,12 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                          window_rates[done:done + n])
             parts.append(part)
             done += n
-          metrics = jax.tree.map(lambda *p: np.concatenate([np.asarray(x) for x in p], axis=1),
-                                 *parts)
+          metrics = jax.tree.map(lambda *p: np.concatenate(p, axis=1), *_fetched(parts))
         else:
           states, metrics = _train_window(loops[length], states, images, labels, data_keys,
                                           window_rates, members)
-        losses = np.asarray(metrics["loss"]).mean(axis=1)
+          metrics = _fetched(metrics)
+        losses = metrics["loss"].mean(axis=1)
         bad = [seeds[i] for i in np.flatnonzero(~np.isfinite(losses))]
         if bad:
           raise train.TrainingDiverged(
@@ -697,10 +735,14 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                   "stage": k})
         last = first + length == len(lrs)
         at_checkpoint = every > 0 and before // every != progress.global_step // every
-        preempted = notice.reached(progress.global_step)
+        # Asked at every step of the window, in order: on several processes, the step JAX's
+        # sync protocol agrees on is one of them, and every process sees it in this window.
+        preempted = any([notice.reached(step)
+                         for step in range(before + 1, progress.global_step + 1)])
         if (at_checkpoint or preempted) and not last:
           save()
         must_save = must_save or ((at_checkpoint or preempted) and last)
+        stop_at_end = stop_at_end or (preempted and last)
         if preempted and not last:
           _stop_preempted(manager, group_dir, progress.global_step)
       progress.train_s += time.perf_counter() - train_start
@@ -714,12 +756,16 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       logging.info("group stage %d/%d: mean test accuracy %.4f", k + 1, plan.num_stages,
                    np.mean([t["accuracy"] for t in tests]))
       progress.stage, progress.step_in_stage = k + 1, 0
+      # One process stops at the first stage end after a signal (e.g. one received during the
+      # evaluation); several only at the step they agreed on (a signal reaches one of them).
+      signalled = notice.signal is not None and not notice.multiprocess
       # Stage ends: forced without an interval, at a checkpoint step or on preemption;
-      # otherwise as the manager's policy says.
-      save(force=not checkpoint_interval_s or must_save or notice.signal is not None)
+      # otherwise as the manager's policy says (decided on process 0 for all of them).
+      save(force=not checkpoint_interval_s or must_save or signalled)
       must_save = False
-      if k + 1 < plan.num_stages and notice.signal is not None:
+      if k + 1 < plan.num_stages and (stop_at_end or signalled):
         _stop_preempted(manager, group_dir, progress.global_step)
+      stop_at_end = False
   finally:
     # Also on errors and interrupts: an in-flight asynchronous save is completed.
     manager.wait_until_finished()

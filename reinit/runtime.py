@@ -39,14 +39,15 @@ def rarely_run_jit(fun, **kwargs):
   return jax.jit(fun, **kwargs)
 
 
-def data_mesh(config) -> jax.sharding.Mesh:
-  """The run's 1-D `data` mesh, each process's devices side by side in process order.
+def data_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The run's 1-D `data` mesh, each process's devices side by side in process order, over
+  the first `num_devices` of `devices` (default: all of every process).
 
   Process p then holds rows [p * B/P, (p + 1) * B/P) of every global batch of B, P processes:
   the rows its input pipeline feeds (`reinit.data.Data.train`).
   """
-  mesh = jax.make_mesh((num_devices(config),), ("data",),
-                       devices=jax.devices()[:num_devices(config)])
+  devices = jax.devices() if devices is None else list(devices)
+  mesh = jax.make_mesh((num_devices(config),), ("data",), devices=devices[:num_devices(config)])
   # Stable: within a process, make_mesh's (topology-aware) order stays.
   devices = sorted(mesh.devices.flat, key=lambda d: d.process_index)
   return jax.sharding.Mesh(np.array(devices), ("data",))
@@ -73,10 +74,11 @@ class Runtime:
 
 
 def build_runtime(config, num_classes: int, image_shape, plan: methods.Plan,
-                  runs: int = 1) -> Runtime:
+                  runs: int = 1, devices=None) -> Runtime:
   """Mesh, shardings, model, optimizer and the jitted functions of a run of `plan` (of each
-  of `runs` runs of a group: the model's `conv='auto'` resolves by it)."""
-  mesh = data_mesh(config)
+  of `runs` runs of a group: the model's `conv='auto'` resolves by it) on `devices` (default
+  all: `data_mesh`)."""
+  mesh = data_mesh(config, devices)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
   model = models.from_config(config, num_classes, runs)

@@ -114,12 +114,15 @@ class _Run:
   notice: preemption.Notice
 
 
-def _load_data(config):
-  """This process's `reinit.data.Data`; data problems become one-line ConfigErrors."""
+def _load_data(config, process_index: int | None = None, process_count: int | None = None):
+  """This process's `reinit.data.Data` (of process `process_index` of `process_count`; default
+  jax's); data problems become one-line ConfigErrors."""
   from reinit import data as data_lib  # pylint: disable=g-import-not-at-top
   try:
-    return data_lib.Data(config, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+    return data_lib.Data(
+        config,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count)
   except ValueError as e:
     raise ConfigError(str(e).splitlines()[0]) from e
 

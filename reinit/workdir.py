@@ -75,8 +75,9 @@ def foreign_entries(workdir: str) -> list[str]:
   return sorted(entry.name for entry in folder.iterdir()
                 if not entry.name.startswith(_HIDDEN)
                 and not (entry.name.endswith(_LOG_SUFFIXES) and entry.is_file())
-                # Another process of this run writing the config (write_json_atomically).
-                and entry.name != CONFIG_FILE + ".tmp")
+                # Another process of this run writing the config (write_json_atomically), or
+                # having written it since this one looked for it.
+                and entry.name not in (CONFIG_FILE + ".tmp", CONFIG_FILE))
 
 
 def claim(config, workdir: str) -> None:

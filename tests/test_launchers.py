@@ -164,3 +164,14 @@ def test_progress_line_by_hand():
   assert progress.step() == "1/3 runs"             # skipped: counted, not timed
   assert progress.step(30.0) == "2/3 runs, 30 s per run, ETA 30 s"
   assert progress.step(50.0) == "3/3 runs, 40 s per run, ETA 0 s"
+
+
+def test_distributed_sweep_refuses_a_scheduler_or_dry_run_in_one_line(tmp_path):
+  for extra in (["--dry_run"], ["--scheduler=slurm"]):
+    proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/digits.py",
+                           f"--workdir={tmp_path}", "--distributed", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "distributed" in lines[0] and "--scheduler=local" in lines[0], lines
+    assert not any(tmp_path.iterdir())
