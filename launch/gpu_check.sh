@@ -81,9 +81,9 @@ measure simple_cnn_group "$LIMIT" python -m launch.benchmark --model=simple_cnn 
   --runs_per_program=$R_BIG --steps=$STEPS --repeats=$REPEATS
 measure resnet18_group "$((LIMIT * 3 / 2))" python -m launch.benchmark --model=resnet18 $RESNET \
   --compute_dtype=bfloat16 --runs_per_program=$R_RESNET --steps=$STEPS --repeats=$REPEATS
-flops=$(field resnet18_group train_flops_per_image)
+flops=${RESNET18_FLOPS:-$(field resnet18_group train_flops_per_image)}
 measure resnet18_torch_twin "$LIMIT" python -m launch.torch_twin --model=resnet18 $RESNET \
-  --bf16 --runs=$R_RESNET --steps=$TWIN_STEPS --flops_per_image=${RESNET18_FLOPS:-$flops}
+  --bf16 --runs=$R_RESNET --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
 # XLA's convolutions under vmap (grouped convolutions for cuDNN) against im2col's batched
 # matrix products, the default for groups.
 measure simple_cnn_group_xla "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
@@ -94,9 +94,9 @@ measure resnet18_group_xla "$((LIMIT * 3 / 2))" python -m launch.benchmark --mod
 # The runs one after the other inside the program.
 measure simple_cnn_group_map "$LIMIT" python -m launch.benchmark --model=simple_cnn $CNN \
   --runs_per_program=$R_BIG --over_runs=map --steps=$STEPS --repeats=$REPEATS
-flops=$(field simple_cnn_group train_flops_per_image)
+flops=${SIMPLE_CNN_FLOPS:-$(field simple_cnn_group train_flops_per_image)}
 measure simple_cnn_torch_twin "$LIMIT" python -m launch.torch_twin --model=simple_cnn $CNN \
-  --runs=1 --steps=$TWIN_STEPS --flops_per_image=${SIMPLE_CNN_FLOPS:-$flops}
+  --runs=1 --steps=$TWIN_STEPS ${flops:+--flops_per_image=$flops}
 
 # XLA's cost analysis on GPU misses cuDNN's convolutions (custom calls): MFU from the train
 # FLOPs per image XLA's CPU backend counts, passed as RESNET18_FLOPS / SIMPLE_CNN_FLOPS.

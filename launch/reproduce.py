@@ -57,6 +57,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path, arg, cli_overrides = sweep.config_flag_parts()
   sweep.check_runs_per_program(flags.FLAGS.runs_per_program)
+  if flags.FLAGS.distributed:  # a flag of launch.sweep's, defined by importing it
+    common.fail("distributed is not supported by launch.reproduce (its analyses and report run "
+                "in one process); accepted: python -m launch.sweep --distributed ..., then "
+                "python -m launch.reproduce ... on one host (finished runs are skipped)")
   root = flags.FLAGS.workdir
   if flags.FLAGS.scheduler == "slurm" and not flags.FLAGS.dry_run:
     finished, failed = sweep.slurm_sweep(config_path, arg, cli_overrides, root,

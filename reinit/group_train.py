@@ -505,8 +505,9 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       ones; run i then trains on the batches the run alone trains on).
 
   Raises:
-    ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, or a
-      group too large for the device's memory (`out_of_memory_error`: names runs_per_program).
+    ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, a group
+      too large for the device's memory (`out_of_memory_error`: names runs_per_program), or,
+      over several processes, a host-fed group or one on fewer than all devices.
     train.TrainingDiverged: a run's training loss became non-finite (names the run).
   """
   try:

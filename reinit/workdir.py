@@ -75,9 +75,8 @@ def foreign_entries(workdir: str) -> list[str]:
   return sorted(entry.name for entry in folder.iterdir()
                 if not entry.name.startswith(_HIDDEN)
                 and not (entry.name.endswith(_LOG_SUFFIXES) and entry.is_file())
-                # Another process of this run writing the config (write_json_atomically), or
-                # having written it since this one looked for it.
-                and entry.name not in (CONFIG_FILE + ".tmp", CONFIG_FILE))
+                # Another process of this run writing the config (write_json_atomically).
+                and entry.name != CONFIG_FILE + ".tmp")
 
 
 def claim(config, workdir: str) -> None:
@@ -100,6 +99,8 @@ def claim(config, workdir: str) -> None:
                         "another workdir")
     return
   foreign = foreign_entries(workdir)
+  if foreign and config_path.exists():  # another process of this run claimed it meanwhile
+    return claim(config, workdir)
   if foreign:
     shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if foreign[3:] else "")
     raise ConfigError(f"workdir={workdir!r} holds files reinit did not write ({shown}) and no "

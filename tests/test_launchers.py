@@ -166,12 +166,18 @@ def test_progress_line_by_hand():
   assert progress.step(50.0) == "3/3 runs, 40 s per run, ETA 0 s"
 
 
-def test_distributed_sweep_refuses_a_scheduler_or_dry_run_in_one_line(tmp_path):
-  for extra in (["--dry_run"], ["--scheduler=slurm"]):
-    proc = subprocess.run([sys.executable, "-m", "launch.sweep", "--config=configs/digits.py",
+def test_distributed_refuses_what_it_cannot_run_in_one_line(tmp_path):
+  # launch.sweep: not with a scheduler, a dry run or a share of the sweep; launch.reproduce:
+  # not at all (it defines the flag by importing launch.sweep).
+  for program, extra, accepted in (
+      ("launch.sweep", ["--dry_run"], "--scheduler=local"),
+      ("launch.sweep", ["--scheduler=slurm"], "--scheduler=local"),
+      ("launch.sweep", ["--num_tasks=2"], "--num_tasks=1"),
+      ("launch.reproduce", [], "launch.sweep --distributed")):
+    proc = subprocess.run([sys.executable, "-m", program, "--config=configs/digits.py",
                            f"--workdir={tmp_path}", "--distributed", *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "distributed" in lines[0] and "--scheduler=local" in lines[0], lines
+    assert len(lines) == 1 and "distributed" in lines[0] and accepted in lines[0], lines
     assert not any(tmp_path.iterdir())
