@@ -169,7 +169,7 @@ def _test_batches(data, config, sharding) -> list[dict]:
   if key not in _TEST_BATCHES:
     while len(_TEST_BATCHES) >= 2:
       _TEST_BATCHES.pop(next(iter(_TEST_BATCHES)))
-    _TEST_BATCHES[key] = [_placed(b, sharding)
+    _TEST_BATCHES[key] = [_on_mesh(b, sharding)
                           for b in data.eval(config.test_split).as_numpy_iterator()]
   return _TEST_BATCHES[key]
 
@@ -219,7 +219,7 @@ def _next_batches(iterators, steps: int, sharding: NamedSharding) -> dict:
   return jax.device_put(_host_stack(per_run), sharding)
 
 
-def _placed(tree: PyTree, sharding: NamedSharding) -> PyTree:
+def _on_mesh(tree: PyTree, sharding: NamedSharding) -> PyTree:
   """Values every process holds equal (numpy, or arrays on its own devices) -> arrays placed by
   `sharding`, whose devices may be other processes' too."""
   if jax.process_count() == 1:
@@ -570,9 +570,9 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     # The union of the training images, on device once, and each run's members.
     distinct = np.unique(indices)
     images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
-    images, labels, true_labels = _placed(
+    images, labels, true_labels = _on_mesh(
         (images, labels, datas[0].split_labels(indices)), replicated)
-    members = _placed(members, by_run)
+    members = _on_mesh(members, by_run)
     train_batches = train_eval_batches(images, labels, true_labels, members,
                                        config.eval_batch_size)
 
@@ -583,8 +583,8 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs,
                           devices=jax.local_devices()[:1])
   model, tx = runtime.model, runtime.tx
-  states = _placed(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
-  data_keys, calibration_keys, fresh_keys, method_keys = _placed((
+  states = _on_mesh(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
+  data_keys, calibration_keys, fresh_keys, method_keys = _on_mesh((
       jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds]),
       jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM) for s in seeds]),
       jnp.stack([k.fresh for k in keys]), jnp.stack([k.method for k in keys])), by_run)
@@ -654,9 +654,14 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   manager = workdir_lib.checkpoint_manager(group_dir, min_interval_s=checkpoint_interval_s or None)
   # SIGTERM/SIGUSR1 from here on: checkpoint at the end of the current window and stop.
   notice = preemption.Notice()
+
+  def step_on_mesh(step: int) -> jax.Array:
+    """The checkpoint's step, on the mesh as the states are (orbax saves global arrays only)."""
+    return _on_mesh(np.int32(step), replicated)
+
   try:
     restored = workdir_lib.restore_latest(
-        manager, workdir_lib.abstract(GroupState(_placed(np.int32(0), replicated), states)))
+        manager, workdir_lib.abstract(GroupState(step_on_mesh(0), states)))
     if restored is None:
       progress = train.Progress(stage_results=[[] for _ in seeds])  # a list per run
       for c, writer in zip(configs, writers):
@@ -672,7 +677,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                    progress.stage)
 
     def save(force=True):
-      workdir_lib.save_checkpoint(manager, GroupState(_placed(np.int32(progress.global_step), replicated), states),
+      workdir_lib.save_checkpoint(manager, GroupState(step_on_mesh(progress.global_step), states),
                                   dataclasses.asdict(progress), force=force)
 
     if fed:
