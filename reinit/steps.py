@@ -72,7 +72,12 @@ def _warmup_cosine(peak: float, warmup: int, steps: int) -> np.ndarray:
   # Once per process and schedule: the runs and groups of a sweep share their schedules.
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=max(steps, 1))
-  rates = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+  # Evaluated op by op on a power-of-two number of steps, then cut: every schedule of up to
+  # that many steps reuses the same compiled ops (the schedule's constants are operands, not
+  # part of the program), where each new length compiled them all again (~0.2 s a schedule;
+  # a sweep over training-set sizes has dozens). Elementwise, so the values are the same.
+  length = max(64, 1 << (max(steps, 1) - 1).bit_length())
+  rates = np.asarray(jax.vmap(schedule)(jnp.arange(length)), np.float32)[:steps]
   rates.flags.writeable = False  # shared by every caller
   return rates
 

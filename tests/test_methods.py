@@ -295,6 +295,22 @@ def test_schedules_restart_or_continue():
   assert continued[45] == pytest.approx(config.learning_rate / 2, rel=0.05)
 
 
+@pytest.mark.parametrize("steps,warmup", [(1, 0), (30, 0), (30, 3), (64, 6), (65, 6), (280, 0)])
+def test_schedule_is_optaxs_over_exactly_the_stages_steps(steps, warmup):
+  # The trainer evaluates optax's schedule over a longer, power-of-two range and cuts it: the
+  # rates must be bit for bit those of the schedule over exactly `steps` steps (what runs
+  # trained on before), and each step's rate that of the schedule at that step.
+  config = digits_config.get_config("method=lw")
+  config.warmup_epochs = warmup
+  rates = train.warmup_cosine(config, peak=0.05, steps=steps, steps_per_epoch=1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=0.05, warmup_steps=warmup, decay_steps=steps)
+  exact = np.asarray(jax.vmap(schedule)(jnp.arange(steps)), np.float32)
+  assert rates.dtype == np.float32 and rates.tobytes() == exact.tobytes()
+  np.testing.assert_allclose(rates, [float(schedule(t)) for t in range(steps)], rtol=1e-6,
+                             atol=1e-9)
+
+
 def test_masked_optimizer_policy_zeroes_only_touched(setup, tmp_path):
   _, _, init, trained, fresh = setup
   plan = _plan("head")
