@@ -60,6 +60,20 @@ def run_or_exit(config, workdir: str) -> dict:
     fail(str(e), status=PREEMPTED)
 
 
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` for `--distributed`, the cluster found from the
+  environment (TPU pod, Slurm's srun, Open MPI's mpirun, or JAX_COORDINATOR_ADDRESS); when it
+  finds none or cannot reach its coordinator, exits with one line, status 2, before anything
+  is written."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    fail(f"distributed: jax.distributed.initialize() failed ({one_line(e)}); accepted: "
+         "--distributed on every process of a cluster JAX detects (a TPU pod's hosts, srun, "
+         "mpirun, or JAX_COORDINATOR_ADDRESS set), or no --distributed for one process")
+
+
 def one_line(error: BaseException) -> str:
   """The gist of an error on one line: for a wrapped traceback, its final line."""
   text = str(error)

@@ -32,8 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    common.initialize_distributed()
   results = common.run_or_exit(_CONFIG.value, _WORKDIR.value)
   logging.info("test accuracy %.4f", results["test_accuracy"])
   if jax_process_index() == 0:

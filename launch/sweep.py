@@ -25,6 +25,7 @@ programs (every N-th from program I on), e.g. one per host of a TPU pod
 (`launch/tpu_pod.sh sweep`).
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -358,24 +359,43 @@ def main(argv):
                   f"accepted: --scheduler=local, no --dry_run, --num_tasks=1 (got "
                   f"--scheduler={_SCHEDULER.value}{' --dry_run' if _DRY_RUN.value else ''} "
                   f"--num_tasks={_NUM_TASKS.value})")
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
-  failed = []
+    common.initialize_distributed()
   if _SCHEDULER.value == "slurm" and not _DRY_RUN.value:
     finished, failed = slurm_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
                                    slurm_options(), wait=_WAIT.value,
                                    runs_per_program=_RUNS_PER_PROGRAM.value)
-    if not _WAIT.value:
-      return
-  else:
-    finished = run_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
-                         dry_run=_DRY_RUN.value, task_index=_TASK_INDEX.value,
-                         num_tasks=_NUM_TASKS.value, runs_per_program=_RUNS_PER_PROGRAM.value)
+    if _WAIT.value:
+      _print_summary(finished)
+    if failed:
+      common.fail(f"{len(failed)} programs failed; their logs: "
+                  f"{', '.join(path for _, _, path in failed)}", status=1)
+    return
+  with _printed_by_first_process_only(training=not _DRY_RUN.value):
+    _print_summary(run_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
+                             dry_run=_DRY_RUN.value, task_index=_TASK_INDEX.value,
+                             num_tasks=_NUM_TASKS.value,
+                             runs_per_program=_RUNS_PER_PROGRAM.value))
+
+
+def _print_summary(finished: list) -> None:
+  """The table of the finished runs (none: nothing printed)."""
   if finished:
     print(summary_table([(name, results) for name, _, results in finished]))
-  if failed:
-    common.fail(f"{len(failed)} programs failed; their logs: "
-                f"{', '.join(path for _, _, path in failed)}", status=1)
+
+
+@contextlib.contextmanager
+def _printed_by_first_process_only(training: bool):
+  """Standard output dropped on processes other than the first of a multi-process sweep
+  (`training`: this call trains, so JAX's backend is wanted anyway): every process runs every
+  program, and their progress lines and tables would repeat the first's once per process.
+  Errors (standard error) stay."""
+  if training:
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+      return
+  yield
 
 
 def check_runs_per_program(value: int) -> None:

@@ -181,3 +181,19 @@ def test_distributed_refuses_what_it_cannot_run_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "distributed" in lines[0] and accepted in lines[0], lines
     assert not any(tmp_path.iterdir())
+
+
+def test_distributed_outside_a_cluster_fails_in_one_line(tmp_path):
+  # No cluster for jax.distributed.initialize() to detect: one line, status 2, nothing written.
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR"))}
+  for program in ("launch.main", "launch.sweep"):
+    workdir = tmp_path / program
+    proc = subprocess.run([sys.executable, "-m", program, "--config=configs/digits.py",
+                           f"--workdir={workdir}", "--distributed"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: distributed:"), lines
+    assert "initialize" in lines[0] and "accepted:" in lines[0], lines
+    assert not workdir.exists()

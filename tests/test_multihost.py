@@ -189,6 +189,10 @@ def test_a_group_over_two_processes_computes_what_one_process_does(group_runs):
     assert any(path.endswith("active") and value == 1.0
                for path, value in _leaves(one.final_variables).items())  # LW calibrated
     _assert_same_run(one, two, f"seed {seed}")
+  # The first process alone prints the sweep's progress and table (the resumed call's logs).
+  first, other = (pathlib.Path(f"{roots[1]}.{rank}.log").read_text() for rank in (0, 1))
+  assert "running as one program" in first and "| run |" in first, first[-3000:]
+  assert "running as one program" not in other and "| run |" not in other, other[-3000:]
   # The seeds are different runs (a gather that mixed up the runs would not be seen otherwise).
   first, second = (workdir_lib.load_run(str(roots[1] / f"seed={s}")) for s in (0, 1))
   assert first.results["stages"] != second.results["stages"]
