@@ -199,6 +199,23 @@ def test_group_killed_by_sigkill_resumes_exactly(unbroken, data_dir, tmp_path):
                  _variables(expected_dir, "final"))
 
 
+def test_a_group_on_cpu_evaluates_with_xlas_convolution_unless_told_otherwise():
+  # conv='auto': trains with im2col, evaluates (forward only) with XLA's convolution on CPU,
+  # whose logits are im2col's up to rounding; an explicit choice is kept for both.
+  from reinit import models  # pylint: disable=g-import-not-at-top
+  config = digits_config.get_config("method=lw")
+  config.conv = "auto"
+  trained = models.from_config(config, 10, 3)
+  evaluated = group_train._eval_model(config, 10, trained)
+  assert (trained.conv, evaluated.conv) == ("im2col", "xla")
+  images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+  variables = trained.init(jax.random.key(1), images, train=False)
+  np.testing.assert_allclose(evaluated.apply(variables, images, train=False),
+                             trained.apply(variables, images, train=False), rtol=1e-4, atol=1e-5)
+  config.conv = "im2col"
+  assert group_train._eval_model(config, 10, trained) is trained
+
+
 def test_windows_end_at_logging_steps_stage_ends_and_global_checkpoint_steps():
   windows = group_train._windows  # pylint: disable=protected-access
   assert windows(7, 3) == [(0, 3), (3, 3), (6, 1)]
