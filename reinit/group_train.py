@@ -159,6 +159,49 @@ def train_eval_batches(images: jax.Array, labels: jax.Array, true_labels: jax.Ar
 # The test split, on device, shared by the groups of a process: (what `Data.eval` reads) ->
 # batches. Two entries at most (a sweep over datasets moves on).
 _TEST_BATCHES: dict = {}
+# The training split read (labels, sizes) and the union of a group's training images, shared
+# by the groups of a process like the test split: each group read them again through tf.data
+# (0.9 s of a digits group's 7 s). A few entries (a sweep over training-set sizes has one
+# union per size).
+_SPLITS: dict = {}
+_UNIONS: dict = {}
+
+
+def _split_key(config) -> tuple:
+  """What a `Data`'s split read depends on (`Data.with_config`)."""
+  return (config.tfds_name or config.dataset, config.data_dir, config.train_split,
+          config.image_size)
+
+
+def _remember(cache: dict, key, value, entries: int):
+  while len(cache) >= entries:
+    cache.pop(next(iter(cache)))
+  cache[key] = value
+  return value
+
+
+def _group_data(config):
+  """The `reinit.data.Data` of `config` as one process reads it whole (every process of a
+  group holds all runs' data), its training split read once per process; data problems are
+  one-line ConfigErrors (`train._load_data`)."""
+  key = _split_key(config)
+  if key not in _SPLITS:
+    return _remember(_SPLITS, key, train._load_data(config, process_index=0, process_count=1),  # pylint: disable=protected-access
+                     entries=2)
+  try:
+    return _SPLITS[key].with_config(config)
+  except ValueError as e:
+    raise validation.ConfigError(str(e).splitlines()[0]) from e
+
+
+def _train_images(data, config, indices: np.ndarray) -> np.ndarray:
+  """`data.train_images(indices)`, read once per process for the same split and indices."""
+  key = (_split_key(config), indices.tobytes())
+  if key not in _UNIONS:
+    images = data.train_images(indices)
+    images.flags.writeable = False  # shared by the groups
+    _remember(_UNIONS, key, images, entries=4)
+  return _UNIONS[key]
 
 
 def _test_batches(data, config, sharding) -> list[dict]:
@@ -551,7 +594,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
                                                                                   PartitionSpec())
   # Every process reads whole batches: the group's data and evaluation sets are on every device
   # (a multi-process group is device-fed; a host-fed one is refused below).
-  first_data = train._load_data(configs[0], process_index=0, process_count=1)  # pylint: disable=protected-access
+  first_data = _group_data(configs[0])
   datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
   keys = [run_keys(s) for s in seeds]
@@ -581,7 +624,7 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   else:
     # The union of the training images, on device once, and each run's members.
     distinct = np.unique(indices)
-    images = datas[0].train_images(distinct)[np.searchsorted(distinct, indices)]
+    images = _train_images(datas[0], configs[0], distinct)[np.searchsorted(distinct, indices)]
     images, labels, true_labels = _on_mesh(
         (images, labels, datas[0].split_labels(indices)), replicated)
     members = _on_mesh(members, by_run)

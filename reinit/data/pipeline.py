@@ -212,13 +212,30 @@ class Data:
       process_index: int = 0,
       process_count: int = 1,
   ):
-    label_noise = subsets.check_label_noise(config.label_noise)
+    subsets.check_label_noise(config.label_noise)
     builder = builders.get_builder(
         config.tfds_name or config.dataset, data_dir=config.data_dir
     )
-    num_classes = builders.num_classes(builder)
-    size = _target_size(config.image_size)
-    split_size = builders.split_size(builder, config.train_split)
+    self._builder = builder
+    self._size = _target_size(config.image_size)
+    self._split_sizes = {}  # split -> examples, read once
+    # Bad splits fail here, with the field named, before anything is read.
+    self._split_size(config.train_split)
+    self._split_size(config.test_split)
+    self._labels = preprocess.read_labels(builder, config.train_split)
+    self._process = dict(process_index=process_index, process_count=process_count)
+    self._configure(config)
+
+  def _split_size(self, split: str) -> int:
+    if split not in self._split_sizes:
+      self._split_sizes[split] = builders.split_size(self._builder, split)
+    return self._split_sizes[split]
+
+  def _configure(self, config: ml_collections.ConfigDict) -> None:
+    """What `config` sets beyond the split read: subset, label noise, info, batch checks."""
+    label_noise = subsets.check_label_noise(config.label_noise)
+    num_classes = builders.num_classes(self._builder)
+    split_size = self._split_size(config.train_split)
     requested = subsets.requested_train_examples(
         config.train_examples, config.train_fraction, split_size
     )
@@ -227,21 +244,32 @@ class Data:
     train_examples = split_size if requested is None else requested
     self._info = DatasetInfo(
         num_classes=num_classes,
-        image_shape=builders.image_shape(builder, size),
+        image_shape=builders.image_shape(self._builder, self._size),
         train_examples=train_examples,
-        test_examples=builders.split_size(builder, config.test_split),
+        test_examples=self._split_size(config.test_split),
         corrupted_examples=subsets.num_corrupted(train_examples, label_noise),
     )
     preprocess.check_augment(config.augment)
+    process_count = self._process["process_count"]
     _per_process(config.batch_size, process_count, "batch_size")
     _per_process(config.eval_batch_size, process_count, "eval_batch_size")
-
-    self._labels = preprocess.read_labels(builder, config.train_split)
     self._config = config
-    self._builder = builder
-    self._size = size
-    self._process = dict(process_index=process_index, process_count=process_count)
     self._subset, self._noisy_labels = self._draw_subset(config)
+
+  def with_config(self, config: ml_collections.ConfigDict) -> "Data":
+    """`Data(config)` without reading the training split again: for a config that reads the
+    same split (dataset, data_dir, train_split, image_size) and may differ in anything else
+    (seed, train_examples, label_noise, batch sizes, ...). Raises ValueError as `Data(config)`
+    does, or when `config` reads another split."""
+    read = ("dataset", "tfds_name", "data_dir", "train_split", "image_size")
+    other = [f for f in read if config.get(f) != self._config.get(f)]
+    if other:
+      raise ValueError(f"with_config reads the same split; {', '.join(other)} differ "
+                       f"({', '.join(f'{f}={config.get(f)!r}' for f in other)})")
+    data = copy.copy(self)
+    data._split_sizes = self._split_sizes  # pylint: disable=protected-access
+    data._configure(copy.deepcopy(config))  # pylint: disable=protected-access
+    return data
 
   def _draw_subset(self, config) -> tuple[np.ndarray, np.ndarray]:
     """(subset indices, labels of the whole split after label noise) of `config`'s seed."""
