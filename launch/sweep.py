@@ -370,7 +370,7 @@ def main(argv):
       common.fail(f"{len(failed)} programs failed; their logs: "
                   f"{', '.join(path for _, _, path in failed)}", status=1)
     return
-  with _printed_by_first_process_only(training=not _DRY_RUN.value):
+  with _printed_by_first_process_only():
     _print_summary(run_sweep(config_path, arg, cli_overrides, _WORKDIR.value,
                              dry_run=_DRY_RUN.value, task_index=_TASK_INDEX.value,
                              num_tasks=_NUM_TASKS.value,
@@ -384,17 +384,16 @@ def _print_summary(finished: list) -> None:
 
 
 @contextlib.contextmanager
-def _printed_by_first_process_only(training: bool):
-  """Standard output dropped on processes other than the first of a multi-process sweep
-  (`training`: this call trains, so JAX's backend is wanted anyway): every process runs every
-  program, and their progress lines and tables would repeat the first's once per process.
-  Errors (standard error) stay."""
-  if training:
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() != 0:
-      with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        yield
-      return
+def _printed_by_first_process_only():
+  """Standard output dropped on processes other than the first of a multi-process sweep (JAX's
+  distributed runtime initialized: `--distributed`, or a driver that initialized it): every
+  process runs every program, and their progress lines and tables would repeat the first's
+  once per process. Errors and logs (standard error) stay. Starts no JAX backend."""
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.distributed.is_initialized() and jax.process_index() != 0:
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+      yield
+    return
   yield
 
 

@@ -165,6 +165,7 @@ _TEST_BATCHES: dict = {}
 # union per size).
 _SPLITS: dict = {}
 _UNIONS: dict = {}
+_UNION_CACHE_BYTES = 64 * 2**20
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,12 +177,13 @@ def _layer_order(model, image_shape: tuple[int, ...]) -> tuple[str, ...]:
 
 
 def _split_key(config) -> tuple:
-  """What a `Data`'s split read depends on (`Data.with_config`)."""
-  return (config.tfds_name or config.dataset, config.data_dir, config.train_split,
-          config.image_size)
+  """What a `Data`'s split read depends on (`reinit.data.pipeline.split_key`)."""
+  from reinit.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.split_key(config)
 
 
 def _remember(cache: dict, key, value, entries: int):
+  """`cache[key] = value`, the oldest entries dropped to keep at most `entries`; `value`."""
   while len(cache) >= entries:
     cache.pop(next(iter(cache)))
   cache[key] = value
@@ -203,13 +205,16 @@ def _group_data(config):
 
 
 def _train_images(data, config, indices: np.ndarray) -> np.ndarray:
-  """`data.train_images(indices)`, read once per process for the same split and indices."""
+  """`data.train_images(indices)`, read once per process for the same split and indices when
+  under `_UNION_CACHE_BYTES`."""
   key = (_split_key(config), indices.tobytes())
-  if key not in _UNIONS:
-    images = data.train_images(indices)
+  if key in _UNIONS:
+    return _UNIONS[key]
+  images = data.train_images(indices)
+  if images.nbytes <= _UNION_CACHE_BYTES:  # larger ones are not kept past their group
     images.flags.writeable = False  # shared by the groups
     _remember(_UNIONS, key, images, entries=4)
-  return _UNIONS[key]
+  return images
 
 
 def _test_batches(data, config, sharding) -> list[dict]:

@@ -149,19 +149,28 @@ def test_bad_train_examples_raises_in_pipeline(digits_dir):
       data.Data(make_config(digits_dir, train_examples=train_examples))
 
 
-def test_with_config_is_the_data_of_that_config_without_reading_the_split(digits_dir):
+def test_with_config_is_the_data_of_that_config_without_reading_the_split(digits_dir,
+                                                                          monkeypatch):
   first = data.Data(make_config(digits_dir))
-  for overrides in (dict(seed=3), dict(train_examples=50, batch_size=10),
-                    dict(label_noise=0.2, seed=1)):
-    config = make_config(digits_dir, **overrides)
-    derived, direct = first.with_config(config), data.Data(config)
+  info_before, subset_before = first.info, first.train_subset()[0].copy()
+  cases = [dict(seed=3), dict(train_examples=50, batch_size=10), dict(label_noise=0.2, seed=1),
+           dict(subset_seed=5, augment="crop_flip", test_split="test[:50%]"),
+           dict(train_examples=None, train_fraction=0.5)]
+  directs = [data.Data(make_config(digits_dir, **overrides)) for overrides in cases]
+
+  def no_split_read(*args, **kwargs):
+    raise AssertionError("the training split's labels were read again")
+  monkeypatch.setattr(preprocess, "read_labels", no_split_read)
+  for overrides, direct in zip(cases, directs):
+    derived = first.with_config(make_config(digits_dir, **overrides))
     assert derived.info == direct.info and derived.steps_per_epoch == direct.steps_per_epoch
     for got, want in zip(derived.train_subset(), direct.train_subset()):
       np.testing.assert_array_equal(got, want)
     got, want = take(derived.train(), 2), take(direct.train(), 2)
     assert all(np.array_equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
-  assert first.info == data.Data(make_config(digits_dir)).info  # left as it was
-  with pytest.raises(ValueError, match="image_size"):
+  assert first.info == info_before  # left as it was
+  np.testing.assert_array_equal(first.train_subset()[0], subset_before)
+  with pytest.raises(ValueError, match="image_size=16"):
     first.with_config(make_config(digits_dir, image_size=16))
   with pytest.raises(ValueError, match="train_examples"):
     first.with_config(make_config(digits_dir, train_examples=5))  # what Data(config) raises

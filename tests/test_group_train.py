@@ -199,11 +199,17 @@ def test_group_killed_by_sigkill_resumes_exactly(unbroken, data_dir, tmp_path):
                  _variables(expected_dir, "final"))
 
 
-def test_a_group_on_cpu_evaluates_with_xlas_convolution_unless_told_otherwise():
+def test_a_group_on_cpu_evaluates_with_xlas_convolution_unless_told_otherwise(monkeypatch):
   # conv='auto': trains with im2col, evaluates (forward only) with XLA's convolution on CPU,
-  # whose logits are im2col's up to rounding; an explicit choice is kept for both.
+  # whose logits are im2col's up to rounding; an explicit choice, or another backend, keeps
+  # the training model.
   from reinit import models  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   config = digits_config.get_config("method=lw")
+  config.conv = "auto"
+  trained = models.from_config(config, 10, 3)
+  assert group_train._eval_model(config, 10, trained) is trained
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   config.conv = "auto"
   trained = models.from_config(config, 10, 3)
   evaluated = group_train._eval_model(config, 10, trained)

@@ -178,6 +178,17 @@ def _eval_pipeline(
 # The data of a run.
 
 
+# What a Data's split read depends on: the dataset (its TFDS name), where it is prepared, the
+# split and the image size (`split_key`).
+SPLIT_FIELDS = ("dataset", "data_dir", "train_split", "image_size")
+
+
+def split_key(config: ml_collections.ConfigDict) -> tuple:
+  """The values of `SPLIT_FIELDS` in `config` (the dataset as the TFDS name it reads)."""
+  return (config.tfds_name or config.dataset, config.data_dir, config.train_split,
+          config.image_size)
+
+
 def _target_size(image_size) -> tuple[int, int] | None:
   if image_size is None:
     return None
@@ -219,20 +230,20 @@ class Data:
     self._builder = builder
     self._size = _target_size(config.image_size)
     self._split_sizes = {}  # split -> examples, read once
-    # Bad splits fail here, with the field named, before anything is read.
-    self._split_size(config.train_split)
-    self._split_size(config.test_split)
-    self._labels = preprocess.read_labels(builder, config.train_split)
     self._process = dict(process_index=process_index, process_count=process_count)
-    self._configure(config)
+    self._configure(config)  # bad values fail here, before the split is read
+    self._labels = preprocess.read_labels(builder, config.train_split)
+    self._subset, self._noisy_labels = self._draw_subset(config)
 
   def _split_size(self, split: str) -> int:
+    """Examples of `split` (`builders.split_size`), read once per Data and its copies."""
     if split not in self._split_sizes:
       self._split_sizes[split] = builders.split_size(self._builder, split)
     return self._split_sizes[split]
 
   def _configure(self, config: ml_collections.ConfigDict) -> None:
-    """What `config` sets beyond the split read: subset, label noise, info, batch checks."""
+    """Checks `config`'s values and sets what it says beyond the split read (info, config);
+    the subset is drawn from it afterwards (`_draw_subset`)."""
     label_noise = subsets.check_label_noise(config.label_noise)
     num_classes = builders.num_classes(self._builder)
     split_size = self._split_size(config.train_split)
@@ -254,21 +265,20 @@ class Data:
     _per_process(config.batch_size, process_count, "batch_size")
     _per_process(config.eval_batch_size, process_count, "eval_batch_size")
     self._config = config
-    self._subset, self._noisy_labels = self._draw_subset(config)
 
   def with_config(self, config: ml_collections.ConfigDict) -> "Data":
     """`Data(config)` without reading the training split again: for a config that reads the
-    same split (dataset, data_dir, train_split, image_size) and may differ in anything else
-    (seed, train_examples, label_noise, batch sizes, ...). Raises ValueError as `Data(config)`
-    does, or when `config` reads another split."""
-    read = ("dataset", "tfds_name", "data_dir", "train_split", "image_size")
-    other = [f for f in read if config.get(f) != self._config.get(f)]
-    if other:
-      raise ValueError(f"with_config reads the same split; {', '.join(other)} differ "
-                       f"({', '.join(f'{f}={config.get(f)!r}' for f in other)})")
-    data = copy.copy(self)
-    data._split_sizes = self._split_sizes  # pylint: disable=protected-access
-    data._configure(copy.deepcopy(config))  # pylint: disable=protected-access
+    same split (`split_key`) and may differ in anything else (seed, train_examples,
+    label_noise, batch sizes, ...). Raises ValueError as `Data(config)` does, or when `config`
+    reads another split."""
+    differ = [f"{field}={new!r}" for field, new, old
+              in zip(SPLIT_FIELDS, split_key(config), split_key(self._config)) if new != old]
+    if differ:
+      raise ValueError(f"with_config reads the same split; these differ: {', '.join(differ)}")
+    config = copy.deepcopy(config)
+    data = copy.copy(self)  # shares the builder, the split's labels and sizes (never changed)
+    data._configure(config)  # pylint: disable=protected-access
+    data._subset, data._noisy_labels = data._draw_subset(config)  # pylint: disable=protected-access
     return data
 
   def _draw_subset(self, config) -> tuple[np.ndarray, np.ndarray]:
