@@ -223,10 +223,9 @@ def _test_batches(data, config, sharding) -> list[dict]:
          config.image_size, config.eval_batch_size, jax.process_index(), jax.process_count(),
          sharding)
   if key not in _TEST_BATCHES:
-    while len(_TEST_BATCHES) >= 2:
-      _TEST_BATCHES.pop(next(iter(_TEST_BATCHES)))
-    _TEST_BATCHES[key] = [_on_mesh(b, sharding)
-                          for b in data.eval(config.test_split).as_numpy_iterator()]
+    _remember(_TEST_BATCHES, key, [_on_mesh(b, sharding)
+                                   for b in data.eval(config.test_split).as_numpy_iterator()],
+              entries=2)
   return _TEST_BATCHES[key]
 
 

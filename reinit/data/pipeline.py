@@ -304,11 +304,9 @@ class Data:
   def with_seed(self, seed: int) -> "Data":
     """The same dataset for the run of `seed` (its own subset, label noise and stream),
     without reading the split again: `Data(config with seed)` for a group of runs."""
-    other = copy.copy(self)
-    other._config = copy.deepcopy(self._config)  # pylint: disable=protected-access
-    other._config.seed = int(seed)  # pylint: disable=protected-access
-    other._subset, other._noisy_labels = other._draw_subset(other._config)  # pylint: disable=protected-access
-    return other
+    config = copy.deepcopy(self._config)
+    config.seed = int(seed)
+    return self.with_config(config)
 
   @property
   def info(self) -> DatasetInfo:
