@@ -242,17 +242,33 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   return finished
 
 
+def _warm_up_next(later: list[list], root: str) -> None:
+  """Starts compiling the programs of the first of the `later` groups with unfinished runs in
+  the background (`group_train.warm_up`): they are ready when the group before it is done."""
+  from reinit import group_train  # pylint: disable=g-import-not-at-top
+  for group in later:
+    configs = [config for name, _, config in group if not _is_finished(root, name)]
+    if configs:
+      group_train.warm_up(configs[0], [c.seed for c in configs])
+      return
+
+
+def _is_finished(root: str, name: str) -> bool:
+  """Whether run `name` has its results (and is a run of ours: without its config.json a
+  results.json is not one, and launch.main refuses it)."""
+  from reinit import train  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(root) / name
+  return (workdir / train.RESULTS_FILE).exists() and (workdir / train.CONFIG_FILE).exists()
+
+
 def _finished_earlier(root: str, name: str, progress: common.Progress) -> dict | None:
   """The results of run `name` if an earlier call finished it (said, and counted in
   `progress`), else None."""
   from reinit import train  # pylint: disable=g-import-not-at-top
-  workdir = epath.Path(root) / name
-  results_path = workdir / train.RESULTS_FILE
-  # Without its config.json a results.json is not a run of ours: launch.main refuses it.
-  if not (results_path.exists() and (workdir / train.CONFIG_FILE).exists()):
+  if not _is_finished(root, name):
     return None
   print(f"{name}: finished earlier, skipped [{progress.step()}]", flush=True)
-  return json.loads(results_path.read_text())
+  return json.loads((epath.Path(root) / name / train.RESULTS_FILE).read_text())
 
 
 def _print_finished(name: str, results: dict, progress: common.Progress) -> None:
@@ -268,7 +284,7 @@ def _run_grouped(groups: list[list], root: str) -> list:
   rounding)."""
   finished = []
   progress = common.Progress(sum(len(group) for group in groups))
-  for group in groups:
+  for g, group in enumerate(groups):
     todo = []
     for name, run, config in group:
       earlier = _finished_earlier(root, name, progress)
@@ -280,6 +296,7 @@ def _run_grouped(groups: list[list], root: str) -> list:
       continue
     names = [name for name, _, _ in todo]
     print(f"{', '.join(names)}: running as one program ...", flush=True)
+    _warm_up_next(groups[g + 1:], root)
     all_results = _group_or_exit([config for _, _, config in todo],
                                  [str(epath.Path(root) / name) for name in names])
     for (name, run, _), results in zip(todo, all_results):

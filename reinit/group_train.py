@@ -30,15 +30,18 @@ Keys of run `seed` beyond `run_keys(seed)`: data stream `fold_in(key(seed), DATA
 calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
 """
 
+import concurrent.futures
 import copy
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import os
+import threading
 import time
 import types
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import logging
 import flax
@@ -81,6 +84,7 @@ DEVICE_DATA_LIMIT_BYTES = 1 << 30
 # Host-fed groups: the most bytes of input batches fed in one compiled call (a logging window
 # is split into calls of fewer steps when its batches would take more).
 FED_INPUT_BYTES = 1 << 28
+PROGRAMS_KEPT = 64  # compiled programs kept per process (`_program`)
 
 
 @flax.struct.dataclass
@@ -166,6 +170,12 @@ _TEST_BATCHES: dict = {}
 _SPLITS: dict = {}
 _UNIONS: dict = {}
 _UNION_CACHE_BYTES = 64 * 2**20
+# The compiled programs of this process (`_program`), and a lock for them and the data caches
+# above: `warm_up`'s thread fills them while a group trains.
+_PROGRAMS: dict = {}
+_PROGRAMS_LOCK = threading.Lock()
+_CACHES_LOCK = threading.RLock()
+_WARM_UP_THREAD = None  # `warm_up`'s, started when first asked for
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,11 +205,13 @@ def _group_data(config):
   group holds all runs' data), its training split read once per process; data problems are
   one-line ConfigErrors (`train._load_data`)."""
   key = _split_key(config)
-  if key not in _SPLITS:
-    return _remember(_SPLITS, key, train._load_data(config, process_index=0, process_count=1),  # pylint: disable=protected-access
-                     entries=2)
+  with _CACHES_LOCK:
+    if key not in _SPLITS:
+      return _remember(_SPLITS, key, train._load_data(config, process_index=0, process_count=1),  # pylint: disable=protected-access
+                       entries=2)
+    split = _SPLITS[key]
   try:
-    return _SPLITS[key].with_config(config)
+    return split.with_config(config)
   except ValueError as e:
     raise validation.ConfigError(str(e).splitlines()[0]) from e
 
@@ -208,13 +220,14 @@ def _train_images(data, config, indices: np.ndarray) -> np.ndarray:
   """`data.train_images(indices)`, read once per process for the same split and indices when
   under `_UNION_CACHE_BYTES`."""
   key = (_split_key(config), indices.tobytes())
-  if key in _UNIONS:
-    return _UNIONS[key]
-  images = data.train_images(indices)
-  if images.nbytes <= _UNION_CACHE_BYTES:  # larger ones are not kept past their group
-    images.flags.writeable = False  # shared by the groups
-    _remember(_UNIONS, key, images, entries=4)
-  return images
+  with _CACHES_LOCK:
+    if key in _UNIONS:
+      return _UNIONS[key]
+    images = data.train_images(indices)
+    if images.nbytes <= _UNION_CACHE_BYTES:  # larger ones are not kept past their group
+      images.flags.writeable = False  # shared by the groups
+      _remember(_UNIONS, key, images, entries=4)
+    return images
 
 
 def _test_batches(data, config, sharding) -> list[dict]:
@@ -222,11 +235,12 @@ def _test_batches(data, config, sharding) -> list[dict]:
   key = (config.tfds_name or config.dataset, config.data_dir, config.test_split,
          config.image_size, config.eval_batch_size, jax.process_index(), jax.process_count(),
          sharding)
-  if key not in _TEST_BATCHES:
-    _remember(_TEST_BATCHES, key, [_on_mesh(b, sharding)
-                                   for b in data.eval(config.test_split).as_numpy_iterator()],
-              entries=2)
-  return _TEST_BATCHES[key]
+  with _CACHES_LOCK:
+    if key not in _TEST_BATCHES:
+      _remember(_TEST_BATCHES, key, [_on_mesh(b, sharding)
+                                     for b in data.eval(config.test_split).as_numpy_iterator()],
+                entries=2)
+    return _TEST_BATCHES[key]
 
 
 # ---------------------------------------------------------------- the group's functions
@@ -368,11 +382,38 @@ def _signature(args) -> tuple:
                         for x in leaves)
 
 
-@functools.lru_cache(maxsize=32)
+def _program(key, build: Callable[[], jax.stages.Compiled]) -> jax.stages.Compiled:
+  """The program `build()` compiles, once per process for `key` (the newest PROGRAMS_KEPT
+  kept). A caller asking for one that another thread is compiling (`warm_up`'s) waits for it
+  instead of compiling it again; a failed build is not kept (the next caller raises it)."""
+  with _PROGRAMS_LOCK:
+    future = _PROGRAMS.get(key)
+    building = future is None
+    if building:
+      future = _remember(_PROGRAMS, key, concurrent.futures.Future(), entries=PROGRAMS_KEPT)
+  if building:
+    try:
+      future.set_result(build())
+    except BaseException as e:
+      with _PROGRAMS_LOCK:
+        if _PROGRAMS.get(key) is future:
+          del _PROGRAMS[key]
+      future.set_exception(e)
+      raise
+  return future.result()
+
+
+def clear_programs() -> None:
+  """Forgets the compiled programs of this process (tests that count compiles)."""
+  with _PROGRAMS_LOCK:
+    _PROGRAMS.clear()
+
+
 def _compiled(jitted, treedef, leaves) -> jax.stages.Compiled:
   """`jitted` lowered and compiled for `_signature` (treedef, leaves), once per process: the
   groups of a sweep that share a window loop skip its tracing, lowering and cache read."""
-  return jitted.lower(*jax.tree.unflatten(treedef, leaves)).compile()
+  return _program((jitted, treedef, leaves),
+                  lambda: jitted.lower(*jax.tree.unflatten(treedef, leaves)).compile())
 
 
 def _train_step(model, optimizer: OptimizerFields, wrapper, num_classes: int,
@@ -587,29 +628,67 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
     raise error from e
 
 
-def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
-                 data_on):
-  """`train_group`'s work."""
+@dataclasses.dataclass
+class _Setup:
+  """What a group is built from, read and computed on the host (nothing placed on its mesh):
+  the same for `warm_up` and `train_group`, so that both ask for the same programs."""
+  config: Any  # the group's config (its seed is any of the runs')
+  configs: list  # each run's (`seed_config`)
+  datas: list  # each run's `reinit.data.Data`
+  keys: list  # each run's `run_keys`
+  single_model: Any  # the model as a run alone builds it
+  units: list[str]
+  plan: Any
+  indices: np.ndarray  # `union_of_subsets`: the union's split indices (N,), labels, members
+  labels: np.ndarray
+  members: np.ndarray
+  fed: bool  # batches read on the host (`data_placement`)
+  fed_chunk: int  # host-fed: steps fed in one compiled call at most
+  mesh: jax.sharding.Mesh
+  runtime: Any  # one run's on one device of this process (its initial state)
+  augmentation: dict
+  learning_rates: list  # per stage, per step
+  lengths: list[int]  # the window lengths of the stages (`_windows`)
+  optimizer: OptimizerFields
+
+  @property
+  def info(self):
+    return self.datas[0].info
+
+  @property
+  def by_run(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec("runs"))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def stage_offsets(self) -> np.ndarray:
+    return np.cumsum([0] + [len(lrs) for lrs in self.learning_rates])
+
+  @property
+  def batch_spec(self) -> dict:
+    """A run's training batch, as its tf.data stream yields it (`Data.train`)."""
+    return {"image": jax.ShapeDtypeStruct((self.config.batch_size, *self.info.image_shape),
+                                          jnp.float32),
+            "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32)}
+
+
+def _setup(config, seeds: list[int], data_on: str) -> _Setup:
+  """The group's `_Setup`; every check of the config and its data first (ConfigError)."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
-  start_time = time.perf_counter()
-  seeds, workdirs = [int(s) for s in seeds], list(workdirs)
-  if not seeds or len(seeds) != len(workdirs) or len(set(seeds)) != len(seeds):
-    raise ConfigError(f"seeds={seeds} and workdirs ({len(workdirs)}) must pair up one to one, "
-                      "with distinct seeds")
   num_runs = len(seeds)
   data_placement(data_on, 0, (1,))  # a bad value fails before anything is read or written
   configs = [seed_config(config, s) for s in seeds]
   for c in configs:
     validation.validate(c)
   mesh = runs_mesh(*group_devices(config, num_runs))
-  by_run, replicated = NamedSharding(mesh, PartitionSpec("runs")), NamedSharding(mesh,
-                                                                                  PartitionSpec())
   # Every process reads whole batches: the group's data and evaluation sets are on every device
   # (a multi-process group is device-fed; a host-fed one is refused below).
   first_data = _group_data(configs[0])
   datas = [first_data] + [first_data.with_seed(s) for s in seeds[1:]]
   info = datas[0].info
-  keys = [run_keys(s) for s in seeds]
   single_model = models.from_config(config, info.num_classes)  # a run alone's (runs=1)
   units = list(_layer_order(single_model, info.image_shape))
   plan = train._plan(config, units)  # pylint: disable=protected-access
@@ -620,6 +699,167 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
         f"a group fed from the host (data_on={data_on!r}, {len(indices)} training images) "
         f"trains in one process, not {jax.process_count()}; accepted: runs_per_program=1, or "
         "train_group(..., data_on='device') to hold the training images on every device")
+  # Steps fed at once: a window's input on device stays under FED_INPUT_BYTES (float32).
+  fed_chunk = max(1, FED_INPUT_BYTES // (
+      4 * num_runs * config.batch_size * math.prod(info.image_shape)))
+  one_device = copy.deepcopy(config)
+  one_device.num_devices = 1
+  runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs,
+                          devices=jax.local_devices()[:1])
+  learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
+  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it;
+  # a resume that cuts other windows, e.g. after log_every_steps changed, compiles its own).
+  stage_offsets = np.cumsum([0] + [len(lrs) for lrs in learning_rates])
+  lengths = sorted({n for lrs, offset in zip(learning_rates, stage_offsets)
+                    for _, n in _windows(len(lrs), config.log_every_steps, offset=int(offset),
+                                         checkpoint_every=config.checkpoint_every_steps)})
+  if fed:
+    lengths = sorted({c for n in lengths for c in _fed_chunks(n, fed_chunk)})
+  return _Setup(config=config, configs=configs, datas=datas, keys=[run_keys(s) for s in seeds],
+                single_model=single_model, units=units, plan=plan, indices=indices,
+                labels=labels, members=members, fed=fed, fed_chunk=fed_chunk, mesh=mesh,
+                runtime=runtime, augmentation=_augmentation(config, info.image_shape),
+                learning_rates=learning_rates, lengths=lengths,
+                optimizer=optimizer_fields(config))
+
+
+def _union_images(g: _Setup) -> np.ndarray:
+  """The union's training images, uint8 (N, H, W, C), in the order of `g.indices`."""
+  distinct = np.unique(g.indices)
+  return _train_images(g.datas[0], g.configs[0], distinct)[np.searchsorted(distinct, g.indices)]
+
+
+def _run_key_arrays(seeds: list[int], keys: list) -> tuple:
+  """Each run's (data, calibration, fresh, method) keys, stacked (R,), on no mesh yet."""
+  return (jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds]),
+          jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM) for s in seeds]),
+          jnp.stack([k.fresh for k in keys]), jnp.stack([k.method for k in keys]))
+
+
+def _placed_like(x, sharding) -> jax.ShapeDtypeStruct:
+  """The shape and dtype `x` (numpy or jax) has once placed by `sharding` (`_on_mesh`)."""
+  return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(
+      x.dtype, allow_extended_dtype=True), sharding=sharding)
+
+
+def _program_key(config) -> str:
+  """What the group's programs depend on in `config`: all of it but the seed."""
+  return json.dumps({k: v for k, v in workdir_lib.flat_config(config.to_dict()).items()
+                     if k != "seed"}, sort_keys=True, default=str)
+
+
+class _Programs(NamedTuple):
+  """A group's compiled programs (`_programs`)."""
+  loops: dict  # window length -> compiled loop (others compiled when first asked for)
+  stage_start: jax.stages.Compiled  # `_stage_start`'s, for the group's inputs
+  train_step_flops: float  # one run's (`_one_run_step_flops`)
+
+
+def _programs(g: _Setup, over_runs: str, seeds: list[int], one=None) -> _Programs:
+  """The group's window loops (every length of `g.lengths`), stage start and one run's FLOPs,
+  compiled for its inputs' shapes and shardings as `_train_group` places them, from `_program`'s
+  memo when this process (or `warm_up`'s thread) compiled them already. `one`: a run's initial
+  state's shapes and dtypes (default: computed, one run's state on one device)."""
+  config, info, num_runs = g.config, g.info, len(seeds)
+  by_run, replicated = g.by_run, g.replicated
+  if one is None:  # not eval_shape: the init is a top-level jit with compiler options
+    one = initial_state(g.runtime, g.keys[0])
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), one)
+  states = jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_runs, *x.shape), x.dtype,
+                                                       sharding=by_run), one)
+  data_keys, calibration_keys, fresh_keys, method_keys = jax.tree.map(
+      lambda x: _placed_like(x, by_run), _run_key_arrays(seeds, g.keys))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  stage_start = _stage_start(g.runtime.model, g.runtime.tx, g.plan, info.image_shape,
+                             reset_optimizer=config.reset_optimizer,
+                             batch_size=config.batch_size, augmentation=g.augmentation,
+                             sharding=by_run, fed=g.fed)
+  if g.fed:
+    loop = _fed_window_loop(g.runtime.model, g.optimizer, g.plan.optimizer, info.num_classes,
+                            config.label_smoothing, over_runs, g.mesh)
+
+    def loop_args(n):
+      return (states, {k: jax.ShapeDtypeStruct((num_runs, n, *v.shape), v.dtype, sharding=by_run)
+                       for k, v in g.batch_spec.items()}, jax.ShapeDtypeStruct((n,), jnp.float32))
+    calibration = None
+    if calibrated_units(g.plan):
+      calibration = jax.ShapeDtypeStruct(
+          (num_runs, g.plan.calibration.batches, config.batch_size, *info.image_shape),
+          jnp.float32, sharding=by_run)
+    start_args = (scalar, scalar, states, fresh_keys, method_keys, calibration)
+  else:
+    images = _placed_like(_union_images(g), replicated)
+    labels, members = _placed_like(g.labels, replicated), _placed_like(g.members, by_run)
+
+    def loop_args(n):
+      return (states, images, labels, data_keys, jax.ShapeDtypeStruct((n,), jnp.float32),
+              members)
+    start_args = (scalar, scalar, states, fresh_keys, method_keys, calibration_keys, scalar,
+                  members, images, labels)
+
+  class Loops(dict):
+    def __missing__(self, n):
+      jitted = loop if g.fed else _window_loop(
+          g.runtime.model, g.optimizer, g.plan.optimizer, info.num_classes,
+          config.label_smoothing, n, config.batch_size, over_runs,
+          tuple(g.augmentation.items()), g.mesh)
+      self[n] = _compiled(jitted, *_signature(loop_args(n)))
+      return self[n]
+
+  loops = Loops()
+  for n in g.lengths:
+    loops[n]  # pylint: disable=pointless-statement
+  # The stage start closes over the group's plan: its key is what the plan is built from.
+  signature = _signature(start_args)
+  compiled_start = _program(("stage_start", _program_key(config), g.fed, *signature),
+                            lambda: stage_start.lower(*start_args).compile())
+  train_step_flops = _one_run_step_flops(
+      g.single_model, g.optimizer, g.plan.optimizer, info.num_classes, config.label_smoothing,
+      one, g.batch_spec)
+  return _Programs(loops, compiled_start, train_step_flops)
+
+
+def warm_up(config, seeds: Sequence[int], *, over_runs: str = "vmap",
+            data_on: str = "auto") -> concurrent.futures.Future | None:
+  """Starts reading the data of `train_group(config, seeds, ...)` and compiling its programs
+  in a background thread, so that a sweep prepares its next group while this one computes
+  (tracing and compiling are host work; the device would wait for them). Places nothing on
+  the device and writes nothing. Its errors are left to `train_group`, which meets them again
+  where it would have. One process only: returns None on several (their groups compile in
+  step); else the future of the work (its result None).
+  """
+  if jax.process_count() > 1:
+    return None
+  global _WARM_UP_THREAD
+  with _PROGRAMS_LOCK:
+    if _WARM_UP_THREAD is None:
+      _WARM_UP_THREAD = concurrent.futures.ThreadPoolExecutor(
+          max_workers=1, thread_name_prefix="group_train.warm_up")
+  return _WARM_UP_THREAD.submit(_warm_up, config, [int(s) for s in seeds], over_runs, data_on)
+
+
+def _warm_up(config, seeds: list[int], over_runs: str, data_on: str) -> None:
+  try:
+    _programs(_setup(config, seeds, data_on), over_runs, seeds)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("warming up the group of seeds %s failed (train_group will say why): %s",
+                 seeds, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
+                 data_on):
+  """`train_group`'s work."""
+  from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  start_time = time.perf_counter()
+  seeds, workdirs = [int(s) for s in seeds], list(workdirs)
+  if not seeds or len(seeds) != len(workdirs) or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"seeds={seeds} and workdirs ({len(workdirs)}) must pair up one to one, "
+                      "with distinct seeds")
+  num_runs = len(seeds)
+  g = _setup(config, seeds, data_on)
+  configs, datas, info, plan, fed = g.configs, g.datas, g.info, g.plan, g.fed
+  units, mesh, by_run, replicated = g.units, g.mesh, g.by_run, g.replicated
+  learning_rates, stage_offsets = g.learning_rates, g.stage_offsets
   for c, w in zip(configs, workdirs):
     workdir_lib.claim(c, w)
   done = [workdir_lib.path(w, train.RESULTS_FILE) for w in workdirs]
@@ -629,90 +869,38 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   if fed:
     images = labels = members = None
     train_batches = _FedTrainEval(datas, by_run)
-    # Steps fed at once: a window's input on device stays under FED_INPUT_BYTES (float32).
-    fed_chunk = max(1, FED_INPUT_BYTES // (
-        4 * num_runs * config.batch_size * math.prod(info.image_shape)))
   else:
     # The union of the training images, on device once, and each run's members.
-    distinct = np.unique(indices)
-    images = _train_images(datas[0], configs[0], distinct)[np.searchsorted(distinct, indices)]
     images, labels, true_labels = _on_mesh(
-        (images, labels, datas[0].split_labels(indices)), replicated)
-    members = _on_mesh(members, by_run)
+        (_union_images(g), g.labels, datas[0].split_labels(g.indices)), replicated)
+    members = _on_mesh(g.members, by_run)
     train_batches = train_eval_batches(images, labels, true_labels, members,
                                        config.eval_batch_size)
 
   # Each run's initial state as a single run's on one device (of this process; every process
   # computes them all), then the runs spread.
-  one_device = copy.deepcopy(config)
-  one_device.num_devices = 1
-  runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs,
-                          devices=jax.local_devices()[:1])
-  model, tx = runtime.model, runtime.tx
-  states = _on_mesh(groups.stack([initial_state(runtime, k) for k in keys]), by_run)
-  data_keys, calibration_keys, fresh_keys, method_keys = _on_mesh((
-      jnp.stack([jax.random.fold_in(jax.random.key(s), DATA_STREAM) for s in seeds]),
-      jnp.stack([jax.random.fold_in(jax.random.key(s), CALIBRATION_STREAM) for s in seeds]),
-      jnp.stack([k.fresh for k in keys]), jnp.stack([k.method for k in keys])), by_run)
-  augmentation = _augmentation(config, info.image_shape)
-  learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
+  model = g.runtime.model
+  states = _on_mesh(groups.stack([initial_state(g.runtime, k) for k in g.keys]), by_run)
+  data_keys, calibration_keys, fresh_keys, method_keys = _on_mesh(
+      _run_key_arrays(seeds, g.keys), by_run)
 
-  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it;
-  # a resume that cuts other windows, e.g. after log_every_steps changed, compiles its own).
-  stage_offsets = np.cumsum([0] + [len(lrs) for lrs in learning_rates])
-  lengths = sorted({n for lrs, offset in zip(learning_rates, stage_offsets)
-                    for _, n in _windows(len(lrs), config.log_every_steps, offset=int(offset),
-                                         checkpoint_every=config.checkpoint_every_steps)})
-  if fed:
-    lengths = sorted({c for n in lengths for c in _fed_chunks(n, fed_chunk)})
-  optimizer = optimizer_fields(config)
-
-  # A run's training batch, as its tf.data stream yields it (`Data.train`).
-  batch_spec = {
-      "image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32),
-      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-
-  class Loops(dict):
-    def __missing__(self, n):
-      if fed:
-        self[n] = _compiled(
-            _fed_window_loop(model, optimizer, plan.optimizer, info.num_classes,
-                             config.label_smoothing, over_runs, mesh),
-            *_signature((states, {k: jax.ShapeDtypeStruct((num_runs, n, *v.shape), v.dtype,
-                                                          sharding=by_run)
-                                  for k, v in batch_spec.items()},
-                         jax.ShapeDtypeStruct((n,), jnp.float32))))
-        return self[n]
-      self[n] = _compiled(
-          _window_loop(model, optimizer, plan.optimizer, info.num_classes,
-                       config.label_smoothing, n, config.batch_size, over_runs,
-                       tuple(augmentation.items()), mesh),
-          *_signature((states, images, labels, data_keys,
-                       jax.ShapeDtypeStruct((n,), jnp.float32), members)))
-      return self[n]
-
-  compile_start = time.perf_counter()
-  loops = Loops()
-  for n in lengths:
-    loops[n]  # pylint: disable=pointless-statement
+  compile_start = time.perf_counter()  # what this group waits for (warm_up may have begun)
+  loops, stage_start, train_step_flops = _programs(
+      g, over_runs, seeds, one=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                            states))
   compile_s = time.perf_counter() - compile_start
-  train_step_flops = _one_run_step_flops(
-      single_model, optimizer, plan.optimizer,
-      info.num_classes, config.label_smoothing,
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), states), batch_spec)
   eval_model = _eval_model(config, info.num_classes, model)
   eval_test = _group_eval_step(eval_model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(eval_model, info.num_classes, shared_batches=False)
-  stage_start = _stage_start(model, tx, plan, info.image_shape,
-                             reset_optimizer=config.reset_optimizer,
-                             batch_size=config.batch_size, augmentation=augmentation,
-                             sharding=by_run, fed=fed)
   units_calibrated = calibrated_units(plan)
-  if fed and units_calibrated:
-    # The calibration input of stages that calibrate nothing (lax.switch's branch 0 ignores it).
-    calibration_zeros = jax.device_put(np.zeros(
-        (num_runs, plan.calibration.batches, config.batch_size, *info.image_shape), np.float32),
-        by_run)
+  if fed:
+    fed_chunk = g.fed_chunk
+    if units_calibrated:
+      # The calibration input of stages that calibrate nothing (lax.switch's branch 0 ignores
+      # it).
+      calibration_zeros = jax.device_put(np.zeros(
+          (num_runs, plan.calibration.batches, config.batch_size, *info.image_shape),
+          np.float32), by_run)
 
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writers = [metric_writers.create_default_writer(w, just_logging=jax.process_index() != 0)

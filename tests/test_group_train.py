@@ -298,7 +298,7 @@ def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
   config = _config(data_dir, num_stages=3)
   assert config.lw.normalize
   # Programs compiled by earlier tests of this process would hide stage 0's compiles.
-  group_train._compiled.cache_clear()  # pylint: disable=protected-access
+  group_train.clear_programs()
   group_train._window_loop.cache_clear()  # pylint: disable=protected-access
   compiles, at_window = [0], []
   def count(event, duration, **kwargs):
@@ -320,6 +320,38 @@ def test_later_stages_compile_nothing(data_dir, tmp_path, monkeypatch):
   assert windows_per_stage == 2 and len(at_window) == 6
   assert at_window[-1] == at_window[2 * windows_per_stage - 1]
   assert at_window[0] > 0  # the listener does count (stage 0 compiled the step functions)
+
+
+@pytest.mark.parametrize("data_on", ["device", "host"])
+def test_a_warmed_up_group_finds_its_programs_ready_and_trains_the_same(data_dir, tmp_path,
+                                                                       data_on):
+  # warm_up compiles, in its own thread, the programs train_group then asks for (the same
+  # shapes, dtypes and shardings as the inputs it places): the group compiles none of them
+  # again, and trains as it does without a warm-up, bit for bit. LW over 3 stages: a stage
+  # start with calibration branches.
+  config = _config(data_dir, num_stages=3)
+  cold_dirs, cold = _group(config, str(tmp_path), "cold", SEEDS[:2], data_on=data_on)
+  group_train.clear_programs()
+  assert group_train.warm_up(config, SEEDS[:2], data_on=data_on).result() is None
+  warmed = dict(group_train._PROGRAMS)  # pylint: disable=protected-access
+  assert len(warmed) >= 3  # a window loop, the stage start, one run's step (its FLOPs)
+  assert not (tmp_path / "warm").exists()  # a warm-up writes nothing
+  warm_dirs, warm = _group(config, str(tmp_path), "warm", SEEDS[:2], data_on=data_on)
+  assert dict(group_train._PROGRAMS) == warmed  # pylint: disable=protected-access
+  assert [_comparable(r) for r in warm] == [_comparable(r) for r in cold]
+  for cold_dir, warm_dir in zip(cold_dirs, warm_dirs):
+    jax.tree.map(np.testing.assert_array_equal, _variables(warm_dir, "final"),
+                 _variables(cold_dir, "final"))
+
+
+def test_a_warm_up_leaves_its_errors_to_train_group(data_dir, tmp_path):
+  config = _config(data_dir, train_examples=10**6)  # more than the split has
+  with pytest.raises(train.ConfigError) as expected:
+    _group(config, str(tmp_path), "cold", SEEDS[:2])
+  assert group_train.warm_up(config, SEEDS[:2]).result() is None  # nothing raised there
+  with pytest.raises(train.ConfigError) as error:
+    _group(config, str(tmp_path), "warm", SEEDS[:2])
+  assert str(error.value) == str(expected.value)
 
 
 def test_stage_end_checkpoints_follow_the_interval(data_dir, tmp_path):
@@ -360,8 +392,14 @@ def _sweep_config(path, runs: list[dict]) -> str:
   return str(path)
 
 
-def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
+def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path, monkeypatch):
   from launch import sweep  # pylint: disable=g-import-not-at-top
+  warmed = []
+  real_warm_up = group_train.warm_up
+  def recording_warm_up(config, seeds, **kwargs):
+    warmed.append((config.method, list(seeds)))
+    return real_warm_up(config, seeds, **kwargs)
+  monkeypatch.setattr(group_train, "warm_up", recording_warm_up)
   config_path = _sweep_config(tmp_path / "tiny_sweep.py", [
       dict(method="lw", seed=0), dict(method="baseline", seed=0), dict(method="lw", seed=1)])
   overrides = {"data_dir": data_dir, "width": 0.125, "train_examples": 40, "batch_size": 16,
@@ -379,9 +417,12 @@ def test_sweep_trains_seeds_as_one_program(data_dir, tmp_path):
   assert group_dirs == ["method=baseline,seed=0.seeds=0.group",
                         "method=lw,seed=0.seeds=0-1.group"]
   assert not (root / "method=baseline,seed=0" / "checkpoints").exists()
-  # Started again, every run is finished: nothing trains.
+  # While the first group trained, the second's programs were compiled (the last has no next).
+  assert warmed == [("baseline", [0])]
+  # Started again, every run is finished: nothing trains, nothing is warmed up.
   again = sweep.run_sweep(config_path, None, overrides, str(root))
   assert sorted(name for name, _, _ in again) == names
+  assert warmed == [("baseline", [0])]
   # Two tasks share the groups (in order of first appearance), not the runs.
   shares = [sorted(name for name, _, _ in sweep.run_sweep(
       config_path, None, overrides, str(root), task_index=i, num_tasks=2)) for i in (0, 1)]
