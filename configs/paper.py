@@ -1,12 +1,23 @@
 r"""The study as sweeps: every method of the paper's comparison, seeds and training-set sizes.
 
-Laptop (the README's main job; about 5 minutes on 2 CPU cores, offline):
+Laptop (offline; 1.5 to 2 minutes on 2 CPU cores from a warm compile cache):
 
   python -m launch.reproduce configs/paper.py:study=digits --workdir=runs/digits
 
   12 methods x 3 seeds of SimpleCNN (half width) on 100 class-balanced `digits` examples (10
   per class), 10 epochs per stage; then the margin/norm/flatness analyses of `baseline` and `lw` (seed 0)
   and the report (Tables 2 and 3, figures) in runs/digits/report.
+
+Grown (the README's main job: the same study over 5 seeds and 3 training-set sizes, so that
+Table 3 has several combinations; 4.5 to 5 minutes on 2 CPU cores from a warm compile cache,
+about 9 cold):
+
+  python -m launch.reproduce configs/paper.py:study=digits_grown --workdir=runs/digits_grown
+
+  12 methods x 5 seeds x 50, 100 and 200 examples (180 runs, 36 groups of 5), at 15, 8 and 4
+  epochs a stage: about 30 steps a stage at every size (an epoch is ceil(n / 32) batches: 30,
+  32 and 28), so that the smallest size is not starved of steps nor the largest given more;
+  then the analyses of `baseline` and `lw` (seed 0, 100 examples) and the report.
 
 Cluster (12 datasets x 4 architectures x 12 methods x 3 seeds x 2-3 training-set sizes,
 4,752 runs; LW with ResNet-50 has 18 stages of 50 epochs: its units are the stem, 16 blocks
@@ -28,8 +39,11 @@ and the whole train split, smaller ones dropped where they exceed the split.
 from configs import benchmark
 from reinit import methods
 
-STUDIES = ("digits", "full")
+STUDIES = ("digits", "digits_grown", "full")
 SEEDS = (0, 1, 2)
+GROWN_SEEDS = (0, 1, 2, 3, 4)
+# study=digits_grown: epochs a stage per training-set size, about 30 steps a stage at batch 32.
+GROWN_EPOCHS = {50: 15, 100: 8, 200: 4}
 FULL_MODELS = ("simple_cnn", "vgg16", "resnet18", "resnet50")
 FULL_DATASETS = tuple(key for key in benchmark.DATASETS if key != "digits")
 
@@ -44,10 +58,11 @@ def _spec(arg: str | None) -> dict:
 def get_config(arg: str | None = None):
   """One run of the study: `study=digits|full` plus the run's dataset, model and method."""
   spec = _spec(arg)
-  dataset = spec["dataset"] or ("digits" if spec["study"] == "digits" else "cifar10")
+  laptop = spec["study"] in ("digits", "digits_grown")
+  dataset = spec["dataset"] or ("digits" if laptop else "cifar10")
   model = spec["model"] or "simple_cnn"
   config = benchmark.get_config(f"dataset={dataset},model={model},method={spec['method']}")
-  if spec["study"] == "digits":
+  if laptop:  # digits_grown's runs set their own train_examples and epochs_per_stage
     config.width = 0.5  # half the channels: a quarter of the compute, 1 point less accurate
     config.train_examples = 100
     config.batch_size = 32
@@ -75,6 +90,10 @@ def get_sweep(arg: str | None = None) -> list[dict]:
   spec = _spec(arg)
   if spec["study"] == "digits":
     return [dict(method=method, seed=seed) for method in methods.METHODS for seed in SEEDS]
+  if spec["study"] == "digits_grown":
+    return [dict(method=method, train_examples=size, epochs_per_stage=epochs, seed=seed)
+            for size, epochs in GROWN_EPOCHS.items() for method in methods.METHODS
+            for seed in GROWN_SEEDS]
   return [dict(dataset=dataset, model=model, method=method, train_examples=size, seed=seed)
           for dataset in FULL_DATASETS for model in FULL_MODELS
           for size in training_sizes(dataset) for method in methods.METHODS for seed in SEEDS]
@@ -82,6 +101,9 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
 def analyzed_runs(arg: str | None = None) -> list[dict]:
   """The runs `launch.reproduce` analyzes (margins, norms, flatness) before the report."""
-  if _spec(arg)["study"] == "digits":
+  study = _spec(arg)["study"]
+  if study == "digits":
     return [dict(method="baseline", seed=0), dict(method="lw", seed=0)]
+  if study == "digits_grown":
+    return [dict(method=method, train_examples=100, seed=0) for method in ("baseline", "lw")]
   return []

@@ -192,12 +192,15 @@ def program_groups(configs: list, runs_per_program: int = 0) -> list[list[int]]:
           for j in range(0, len(members), cap)]
 
 
-def _group_or_exit(configs: list, workdirs: list[str]) -> list[dict]:
-  """`group_train.train_group` of runs differing only in seed; errors as `run_or_exit`."""
+def _group_or_exit(configs: list, workdirs: list[str], next_group: tuple | None = None
+                   ) -> list[dict]:
+  """`group_train.train_group` of runs differing only in seed (warming up `next_group`, the
+  (config, seeds) trained next, if any); errors as `run_or_exit`."""
   from reinit import group_train  # pylint: disable=g-import-not-at-top
   from reinit import train  # pylint: disable=g-import-not-at-top
   try:
-    return group_train.train_group(configs[0], [c.seed for c in configs], workdirs)
+    return group_train.train_group(configs[0], [c.seed for c in configs], workdirs,
+                                   next_group=next_group)
   except train.ConfigError as e:
     common.fail(str(e))
   except train.TrainingDiverged as e:
@@ -242,15 +245,14 @@ def run_sweep(config_path: str, arg: str | None, cli_overrides: dict, root: str,
   return finished
 
 
-def _warm_up_next(later: list[list], root: str) -> None:
-  """Starts compiling the programs of the first of the `later` groups with unfinished runs in
-  the background (`group_train.warm_up`): they are ready when the group before it is done."""
-  from reinit import group_train  # pylint: disable=g-import-not-at-top
+def _next_unfinished(later: list[list], root: str) -> tuple | None:
+  """(config, seeds) of the unfinished runs of the first of the `later` groups that has some,
+  else None: what `train_group` warms up while the group before it trains."""
   for group in later:
     configs = [config for name, _, config in group if not _is_finished(root, name)]
     if configs:
-      group_train.warm_up(configs[0], [c.seed for c in configs])
-      return
+      return configs[0], [c.seed for c in configs]
+  return None
 
 
 def _is_finished(root: str, name: str) -> bool:
@@ -296,9 +298,9 @@ def _run_grouped(groups: list[list], root: str) -> list:
       continue
     names = [name for name, _, _ in todo]
     print(f"{', '.join(names)}: running as one program ...", flush=True)
-    _warm_up_next(groups[g + 1:], root)
     all_results = _group_or_exit([config for _, _, config in todo],
-                                 [str(epath.Path(root) / name) for name in names])
+                                 [str(epath.Path(root) / name) for name in names],
+                                 _next_unfinished(groups[g + 1:], root))
     for (name, run, _), results in zip(todo, all_results):
       _print_finished(name, results, progress)
       finished.append((name, run, results))

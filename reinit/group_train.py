@@ -26,6 +26,10 @@ over several processes too (`jax.distributed`; device-fed groups only): every pr
 the same initial states and reads the whole training subset, the runs' states live on their
 rows' devices, and metrics are gathered to every process (process 0 writes).
 
+A sweep prepares its next group while one trains: `warm_up(config, seeds)` reads the group's
+data and compiles its programs in a background thread, from shapes and shardings alone; the
+group then finds them compiled (`_program`, one memo of compiled programs per process).
+
 Keys of run `seed` beyond `run_keys(seed)`: data stream `fold_in(key(seed), DATA_STREAM)`,
 calibration batches `fold_in(key(seed), CALIBRATION_STREAM)`.
 """
@@ -170,11 +174,12 @@ _TEST_BATCHES: dict = {}
 _SPLITS: dict = {}
 _UNIONS: dict = {}
 _UNION_CACHE_BYTES = 64 * 2**20
-# The compiled programs of this process (`_program`), and a lock for them and the data caches
-# above: `warm_up`'s thread fills them while a group trains.
+# The compiled programs of this process (`_program`) and their lock (which also guards starting
+# `warm_up`'s thread); a lock for the data caches above: `warm_up`'s thread fills them all
+# while a group trains.
 _PROGRAMS: dict = {}
 _PROGRAMS_LOCK = threading.Lock()
-_CACHES_LOCK = threading.RLock()
+_CACHES_LOCK = threading.Lock()
 _WARM_UP_THREAD = None  # `warm_up`'s, started when first asked for
 
 
@@ -590,7 +595,7 @@ def out_of_memory_error(error: Exception, num_runs: int):
 def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
                 group_dir: str | None = None, over_runs: str = "vmap",
                 checkpoint_interval_s: int = CHECKPOINT_INTERVAL_S,
-                data_on: str = "auto") -> list[dict]:
+                data_on: str = "auto", next_group: tuple | None = None) -> list[dict]:
   """Trains the runs of `config` with each of `seeds` as one program; writes each run's
   `results.json` (single-run format) in its workdir; returns the runs' results.
 
@@ -611,6 +616,9 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       on device, batches drawn in the compiled loop (small training sets; `reinit.groups`'
       semantics), or each run's own tf.data stream read on the host, a window at a time (large
       ones; run i then trains on the batches the run alone trains on).
+    next_group: (config, seeds) of the group the caller trains next (with the same
+      `over_runs` and `data_on`): `warm_up` starts on it once this group's programs are ready,
+      so the two groups' reads and compiles do not compete.
 
   Raises:
     ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, a group
@@ -620,7 +628,7 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
   """
   try:
     return _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
-                        data_on)
+                        data_on, next_group)
   except jax.errors.JaxRuntimeError as e:
     error = out_of_memory_error(e, len(seeds))
     if error is None:
@@ -639,9 +647,9 @@ class _Setup:
   single_model: Any  # the model as a run alone builds it
   units: list[str]
   plan: Any
-  indices: np.ndarray  # `union_of_subsets`: the union's split indices (N,), labels, members
-  labels: np.ndarray
-  members: np.ndarray
+  indices: np.ndarray  # `union_of_subsets`: the union's split indices, int64 (N,),
+  labels: np.ndarray  # its labels trained on, int32 (N,),
+  members: np.ndarray  # and each run's examples as positions in it, int32 (R, n)
   fed: bool  # batches read on the host (`data_placement`)
   fed_chunk: int  # host-fed: steps fed in one compiled call at most
   mesh: jax.sharding.Mesh
@@ -788,7 +796,9 @@ def _programs(g: _Setup, over_runs: str, seeds: list[int], one=None) -> _Program
           jnp.float32, sharding=by_run)
     start_args = (scalar, scalar, states, fresh_keys, method_keys, calibration)
   else:
-    images = _placed_like(_union_images(g), replicated)
+    # Its shape, not its pixels: the images are read where they are placed (train_group).
+    images = jax.ShapeDtypeStruct((len(g.indices), *info.image_shape), jnp.uint8,
+                                  sharding=replicated)
     labels, members = _placed_like(g.labels, replicated), _placed_like(g.members, by_run)
 
     def loop_args(n):
@@ -823,10 +833,12 @@ def warm_up(config, seeds: Sequence[int], *, over_runs: str = "vmap",
             data_on: str = "auto") -> concurrent.futures.Future | None:
   """Starts reading the data of `train_group(config, seeds, ...)` and compiling its programs
   in a background thread, so that a sweep prepares its next group while this one computes
-  (tracing and compiling are host work; the device would wait for them). Places nothing on
-  the device and writes nothing. Its errors are left to `train_group`, which meets them again
-  where it would have. One process only: returns None on several (their groups compile in
-  step); else the future of the work (its result None).
+  (tracing and compiling are host work; the device would wait for them). Writes nothing and
+  places on the device only one run's initial state, to learn its shapes (the group's inputs
+  are described by shapes and shardings). Its errors are left to `train_group`, which meets
+  them again where it would have. One process only: returns None on several (their groups
+  compile in step); else the future of the work (its result None). The thread is joined at
+  exit: a program ending while a warm-up compiles waits for that compile.
   """
   if jax.process_count() > 1:
     return None
@@ -839,6 +851,7 @@ def warm_up(config, seeds: Sequence[int], *, over_runs: str = "vmap",
 
 
 def _warm_up(config, seeds: list[int], over_runs: str, data_on: str) -> None:
+  """`warm_up`'s work, in its thread; a failure is logged, not raised."""
   try:
     _programs(_setup(config, seeds, data_on), over_runs, seeds)
   except Exception as e:  # pylint: disable=broad-except
@@ -847,7 +860,7 @@ def _warm_up(config, seeds: list[int], over_runs: str, data_on: str) -> None:
 
 
 def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_interval_s,
-                 data_on):
+                 data_on, next_group):
   """`train_group`'s work."""
   from reinit.validation import ConfigError  # pylint: disable=g-import-not-at-top
   start_time = time.perf_counter()
@@ -884,11 +897,14 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   data_keys, calibration_keys, fresh_keys, method_keys = _on_mesh(
       _run_key_arrays(seeds, g.keys), by_run)
 
-  compile_start = time.perf_counter()  # what this group waits for (warm_up may have begun)
+  # What this group waits for its programs (after a warm-up: what it had left to do).
+  compile_start = time.perf_counter()
   loops, stage_start, train_step_flops = _programs(
       g, over_runs, seeds, one=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                             states))
   compile_s = time.perf_counter() - compile_start
+  if next_group is not None:
+    warm_up(*next_group, over_runs=over_runs, data_on=data_on)
   eval_model = _eval_model(config, info.num_classes, model)
   eval_test = _group_eval_step(eval_model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(eval_model, info.num_classes, shared_batches=False)

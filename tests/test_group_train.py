@@ -5,9 +5,11 @@ an unbroken one; every run writes the single run's results.json.
 Tiny LW on digits (simple_cnn width 0.125, 2 stages, a few steps), on CPU.
 """
 
+import concurrent.futures
 import json
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -336,12 +338,51 @@ def test_a_warmed_up_group_finds_its_programs_ready_and_trains_the_same(data_dir
   warmed = dict(group_train._PROGRAMS)  # pylint: disable=protected-access
   assert len(warmed) >= 3  # a window loop, the stage start, one run's step (its FLOPs)
   assert not (tmp_path / "warm").exists()  # a warm-up writes nothing
-  warm_dirs, warm = _group(config, str(tmp_path), "warm", SEEDS[:2], data_on=data_on)
+  compiles = []
+  def count(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    warm_dirs, warm = _group(config, str(tmp_path), "warm", SEEDS[:2], data_on=data_on)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
   assert dict(group_train._PROGRAMS) == warmed  # pylint: disable=protected-access
+  # Nothing compiled at all (the rest, evaluation and eager ops, by the cold group).
+  assert not compiles
   assert [_comparable(r) for r in warm] == [_comparable(r) for r in cold]
   for cold_dir, warm_dir in zip(cold_dirs, warm_dirs):
     jax.tree.map(np.testing.assert_array_equal, _variables(warm_dir, "final"),
                  _variables(cold_dir, "final"))
+
+
+def test_a_program_compiled_by_one_thread_is_waited_for_by_another_not_compiled_again():
+  building, release, builds = threading.Event(), threading.Event(), []
+  def build():
+    builds.append(1)
+    building.set()
+    assert release.wait(10)
+    return object()
+  key = ("test", object())
+  first = concurrent.futures.ThreadPoolExecutor(1).submit(group_train._program, key, build)  # pylint: disable=protected-access
+  assert building.wait(10)
+  second = concurrent.futures.ThreadPoolExecutor(1).submit(group_train._program, key, build)  # pylint: disable=protected-access
+  release.set()
+  assert first.result(10) is second.result(10)
+  assert builds == [1]
+
+
+def test_a_failed_compile_raises_to_every_caller_and_is_not_kept():
+  key, calls = ("test", object()), []
+  def failing():
+    calls.append(1)
+    raise ValueError("no such program")
+  for _ in range(2):
+    with pytest.raises(ValueError, match="no such program"):
+      group_train._program(key, failing)  # pylint: disable=protected-access
+  assert calls == [1, 1]  # tried again: a failure is not remembered
+  assert group_train._program(key, lambda: "built") == "built"  # pylint: disable=protected-access
 
 
 def test_a_warm_up_leaves_its_errors_to_train_group(data_dir, tmp_path):

@@ -1,5 +1,6 @@
 """The cluster scripts parse and print real commands; a sweep prints one command per run."""
 
+import math
 import os
 import pathlib
 import re
@@ -69,6 +70,24 @@ def test_sweep_dry_run_prints_one_command_per_program(tmp_path):
              for c in commands)
   assert all("--config.epochs_per_stage=3" in c for c in commands)
   assert any("method=lw" in c and "--config.seed=2" in c for c in commands)
+
+
+def test_grown_digits_study_is_5_seeds_of_3_sizes_at_about_30_steps_a_stage():
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  from launch import sweep  # pylint: disable=g-import-not-at-top
+  runs = sweep.runs_of("configs/paper.py", "study=digits_grown", {})
+  assert len(runs) == 12 * 5 * 3
+  sizes = sorted({config.train_examples for _, _, config in runs})
+  assert sizes == [50, 100, 200]
+  for _, _, config in runs:
+    steps_a_stage = math.ceil(config.train_examples / config.batch_size) * config.epochs_per_stage
+    assert 28 <= steps_a_stage <= 32, (config.train_examples, steps_a_stage)
+    assert (config.dataset, config.width) == ("digits", 0.5)
+  # All seeds of a combination are one program: 12 methods x 3 sizes.
+  assert len(sweep.program_groups([config for _, _, config in runs])) == 36
+  # The analyzed runs are runs of the study.
+  for wanted in paper.analyzed_runs("study=digits_grown"):
+    assert sum(all(run.get(k) == v for k, v in wanted.items()) for _, run, _ in runs) == 1
 
 
 def test_reproduce_runs_a_small_sweep_then_reports_and_skips_finished_runs(tmp_path):
