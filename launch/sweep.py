@@ -184,9 +184,7 @@ def program_groups(configs: list, runs_per_program: int = 0) -> list[list[int]]:
   from reinit import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   by_combination: dict[str, list[int]] = {}
   for i, config in enumerate(configs):
-    key = json.dumps({k: v for k, v in workdir_lib.flat_config(config.to_dict()).items()
-                      if k != "seed"}, sort_keys=True, default=str)
-    by_combination.setdefault(key, []).append(i)
+    by_combination.setdefault(workdir_lib.combination_key(config), []).append(i)
   cap = runs_per_program or len(configs) or 1
   return [members[j:j + cap] for members in by_combination.values()
           for j in range(0, len(members), cap)]

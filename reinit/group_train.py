@@ -39,7 +39,6 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 import threading
@@ -656,7 +655,6 @@ class _Setup:
   runtime: Any  # one run's on one device of this process (its initial state)
   augmentation: dict
   learning_rates: list  # per stage, per step
-  lengths: list[int]  # the window lengths of the stages (`_windows`)
   optimizer: OptimizerFields
 
   @property
@@ -674,6 +672,19 @@ class _Setup:
   @property
   def stage_offsets(self) -> np.ndarray:
     return np.cumsum([0] + [len(lrs) for lrs in self.learning_rates])
+
+  @property
+  def lengths(self) -> list[int]:
+    """The window lengths of the stages (`_windows`; host-fed: cut into `_fed_chunks`): one
+    compiled loop each, ahead of time, so that a stage cannot recompile one (a resume that
+    cuts other windows, e.g. after log_every_steps changed, compiles its own)."""
+    lengths = sorted({n for lrs, offset in zip(self.learning_rates, self.stage_offsets)
+                      for _, n in _windows(len(lrs), self.config.log_every_steps,
+                                           offset=int(offset),
+                                           checkpoint_every=self.config.checkpoint_every_steps)})
+    if self.fed:
+      lengths = sorted({c for n in lengths for c in _fed_chunks(n, self.fed_chunk)})
+    return lengths
 
   @property
   def batch_spec(self) -> dict:
@@ -714,20 +725,11 @@ def _setup(config, seeds: list[int], data_on: str) -> _Setup:
   one_device.num_devices = 1
   runtime = build_runtime(one_device, info.num_classes, info.image_shape, plan, runs=num_runs,
                           devices=jax.local_devices()[:1])
-  learning_rates = stage_learning_rates(config, plan, datas[0].steps_per_epoch)
-  # One compiled loop per distinct window length (ahead of time: a stage cannot recompile it;
-  # a resume that cuts other windows, e.g. after log_every_steps changed, compiles its own).
-  stage_offsets = np.cumsum([0] + [len(lrs) for lrs in learning_rates])
-  lengths = sorted({n for lrs, offset in zip(learning_rates, stage_offsets)
-                    for _, n in _windows(len(lrs), config.log_every_steps, offset=int(offset),
-                                         checkpoint_every=config.checkpoint_every_steps)})
-  if fed:
-    lengths = sorted({c for n in lengths for c in _fed_chunks(n, fed_chunk)})
   return _Setup(config=config, configs=configs, datas=datas, keys=[run_keys(s) for s in seeds],
                 single_model=single_model, units=units, plan=plan, indices=indices,
                 labels=labels, members=members, fed=fed, fed_chunk=fed_chunk, mesh=mesh,
                 runtime=runtime, augmentation=_augmentation(config, info.image_shape),
-                learning_rates=learning_rates, lengths=lengths,
+                learning_rates=stage_learning_rates(config, plan, datas[0].steps_per_epoch),
                 optimizer=optimizer_fields(config))
 
 
@@ -748,12 +750,6 @@ def _placed_like(x, sharding) -> jax.ShapeDtypeStruct:
   """The shape and dtype `x` (numpy or jax) has once placed by `sharding` (`_on_mesh`)."""
   return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(
       x.dtype, allow_extended_dtype=True), sharding=sharding)
-
-
-def _program_key(config) -> str:
-  """What the group's programs depend on in `config`: all of it but the seed."""
-  return json.dumps({k: v for k, v in workdir_lib.flat_config(config.to_dict()).items()
-                     if k != "seed"}, sort_keys=True, default=str)
 
 
 class _Programs(NamedTuple):
@@ -821,7 +817,8 @@ def _programs(g: _Setup, over_runs: str, seeds: list[int], one=None) -> _Program
     loops[n]  # pylint: disable=pointless-statement
   # The stage start closes over the group's plan: its key is what the plan is built from.
   signature = _signature(start_args)
-  compiled_start = _program(("stage_start", _program_key(config), g.fed, *signature),
+  compiled_start = _program(("stage_start", workdir_lib.combination_key(config), g.fed,
+                             *signature),
                             lambda: stage_start.lower(*start_args).compile())
   train_step_flops = _one_run_step_flops(
       g.single_model, g.optimizer, g.plan.optimizer, info.num_classes, config.label_smoothing,

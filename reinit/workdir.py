@@ -65,6 +65,13 @@ def flat_config(config: dict) -> dict[str, Any]:
   return flax.traverse_util.flatten_dict(config, sep=".")
 
 
+def combination_key(config) -> str:
+  """A config's every field but `seed`, as one string: equal for the runs that differ only in
+  their seed (a group's runs: they share its programs)."""
+  return json.dumps({k: v for k, v in flat_config(config.to_dict()).items() if k != "seed"},
+                    sort_keys=True, default=str)
+
+
 def foreign_entries(workdir: str) -> list[str]:
   """Sorted names in `workdir` other than hidden files and logs: files reinit did not write
   when the folder has no config.json (every run writes its config.json first). [] when the
