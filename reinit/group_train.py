@@ -616,8 +616,9 @@ def train_group(config, seeds: Sequence[int], workdirs: Sequence[str],
       semantics), or each run's own tf.data stream read on the host, a window at a time (large
       ones; run i then trains on the batches the run alone trains on).
     next_group: (config, seeds) of the group the caller trains next (with the same
-      `over_runs` and `data_on`): `warm_up` starts on it once this group's programs are ready,
-      so the two groups' reads and compiles do not compete.
+      `over_runs` and `data_on`): `warm_up` starts on it once this group has its programs and
+      has written its runs' initial variables, so the two groups' reads, compiles and writes
+      do not compete (its tracing holds the GIL that orbax's writing threads need).
 
   Raises:
     ConfigError: as `train.train_and_evaluate`, seeds/workdirs that do not pair up, a group
@@ -900,8 +901,6 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       g, over_runs, seeds, one=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                             states))
   compile_s = time.perf_counter() - compile_start
-  if next_group is not None:
-    warm_up(*next_group, over_runs=over_runs, data_on=data_on)
   eval_model = _eval_model(config, info.num_classes, model)
   eval_test = _group_eval_step(eval_model, info.num_classes, shared_batches=True)
   eval_train = _group_eval_step(eval_model, info.num_classes, shared_batches=False)
@@ -935,14 +934,16 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
       for c, writer in zip(configs, writers):
         writer.write_hparams({k: v for k, v in workdir_lib.flat_config(c.to_dict()).items()
                               if isinstance(v, (int, float, str, bool))})
-      for w, variables in zip(workdirs, groups.unstack(states.variables, num_runs)):
-        workdir_lib.save_variables(w, "init", variables)
+      workdir_lib.save_variables_of_runs(workdirs, "init",
+                                         groups.unstack(states.variables, num_runs))
     else:
       group_state, saved = restored
       states, progress = group_state.runs, train.Progress(**saved)
       progress.resumed_from = progress.resumed_from + [progress.global_step]
       logging.info("group resumed from step %d (stage %d)", progress.global_step,
                    progress.stage)
+    if next_group is not None:
+      warm_up(*next_group, over_runs=over_runs, data_on=data_on)
 
     def save(force=True):
       workdir_lib.save_checkpoint(manager, GroupState(step_on_mesh(progress.global_step), states),
@@ -1050,7 +1051,9 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
   wall_s = time.perf_counter() - start_time
   steps = types.SimpleNamespace(train_step_flops=train_step_flops, compile_s=compile_s)
   results = []
-  finals = groups.unstack(states.variables, num_runs)
+  # Each run's results.json after its final variables: a run is finished once it has both.
+  workdir_lib.save_variables_of_runs(workdirs, "final",
+                                     groups.unstack(states.variables, num_runs))
   for i, (c, w) in enumerate(zip(configs, workdirs)):
     # The group's times shared equally by its runs (each run's share of the program).
     share = train.Progress(stage_results=progress.stage_results[i],
@@ -1060,7 +1063,6 @@ def _train_group(config, seeds, workdirs, group_dir, over_runs, checkpoint_inter
     result = train._results(run, datas[i].info, units, share, wall_s / num_runs)  # pylint: disable=protected-access
     result["time_s"]["compile"] = compile_s / num_runs
     result["devices"] = mesh.size  # the group's (one run a device when spread)
-    workdir_lib.save_variables(w, "final", finals[i])
     if jax.process_index() == 0:
       workdir_lib.write_json_atomically(workdir_lib.path(w, train.RESULTS_FILE), result)
     results.append(result)

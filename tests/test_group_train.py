@@ -629,3 +629,21 @@ def test_host_fed_and_device_groups_never_restore_each_others_checkpoints():
   device = group_train.group_dir_of(["/r/seed0", "/r/seed1"], [0, 1])
   host = group_train.group_dir_of(["/r/seed0", "/r/seed1"], [0, 1], "host")
   assert device == "/r/seed0.seeds=0-1.group" and host == "/r/seed0.seeds=0-1.host.group"
+
+
+def test_variables_of_a_groups_runs_saved_together_land_each_in_its_own_workdir(tmp_path):
+  """`save_variables_of_runs` writes the runs' saves in flight together: each run's directory
+  gets its own tree (a mix-up or a save not waited for would fail), as `save_variables` does."""
+  trees = [{"params": {"w": np.full((3, 2), i, np.float32), "b": np.arange(2.0) + i}}
+           for i in range(3)]
+  workdirs = [str(tmp_path / f"run{i}") for i in range(3)]
+  workdir_lib.save_variables_of_runs(workdirs, "init", trees)
+  workdir_lib.save_variables(str(tmp_path / "alone"), "init", trees[1])
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  def read(workdir):
+    return ocp.StandardCheckpointer().restore(
+        os.path.join(workdir, workdir_lib.VARIABLES_DIR, "init"))
+  for workdir, tree in zip([*workdirs, str(tmp_path / "alone")], [*trees, trees[1]]):
+    jax.tree.map(np.testing.assert_array_equal, read(workdir), tree)
+  with pytest.raises(ValueError):  # one tree a workdir
+    workdir_lib.save_variables_of_runs(workdirs, "final", trees[:2])
