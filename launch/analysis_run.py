@@ -38,10 +38,17 @@ def _accuracy(logits_fn, variables, dataset) -> float:
 
 
 def _first_batches(dataset, count: int) -> list[dict]:
+  """The first `count` batches of a padded eval dataset, without their padding examples.
+
+  The losses only count real examples; a Hessian-vector product over the padding of a small
+  training set (100 digits in a batch of 256) would cost 2.5x the real ones' (130 vs 39 ms).
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   batches = []
   for batch in dataset.take(count).as_numpy_iterator():
-    batches.append({k: jnp.asarray(batch[k]) for k in ("image", "label", "mask")})
+    real = batch["mask"] > 0
+    if real.any():
+      batches.append({k: jnp.asarray(batch[k][real]) for k in ("image", "label", "mask")})
   return batches
 
 

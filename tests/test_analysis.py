@@ -531,6 +531,28 @@ class _FakeDataset:
     return out
 
 
+def test_loss_batches_are_the_real_examples_and_give_the_padded_batches_hessian():
+  """The analyses' loss batches (`_first_batches`) drop padding rows, keep every real example
+  in order, and skip a batch of padding only; the Hessian-vector product over them (a stacked
+  batch and a shorter tail) equals the one over the padded batches."""
+  from launch import analysis_run as analyze_lib
+  model, variables, padded, x, labels = _linear_problem()
+  dataset = _FakeDataset(np.asarray(x), np.asarray(labels), 5)  # 5, 5, 2 real + 3 padding
+  dataset._batches.append({k: np.zeros_like(v) for k, v in dataset._batches[-1].items()})
+  batches = analyze_lib._first_batches(dataset, 4)
+  assert [len(b["label"]) for b in batches] == [5, 5, 2]
+  np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), x)
+  np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels)
+  batch_loss = analysis.classification_loss(model, variables)
+  vector = jax.tree.map(lambda p: jnp.linspace(-1.0, 1.0, p.size).reshape(p.shape),
+                        variables["params"])
+  np.testing.assert_allclose(
+      ravel_pytree(analysis.hessian_vector_product(batch_loss, variables["params"], batches,
+                                                   vector))[0],
+      ravel_pytree(analysis.hessian_vector_product(batch_loss, variables["params"], padded,
+                                                   vector))[0], rtol=1e-5, atol=1e-7)
+
+
 def test_analyze_end_to_end_with_label_noise():
   from configs import digits as digits_config
   from launch import analysis_run as analyze_lib

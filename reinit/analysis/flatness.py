@@ -157,47 +157,41 @@ def _tree_norm(tree: PyTree) -> jax.Array:
 def hessian_vector_product(batch_loss: BatchLoss, params: PyTree, batches: Sequence[dict],
                            vector: PyTree) -> PyTree:
   """H v for the mean loss over `batches`, H its Hessian w.r.t. `params` (forward-over-reverse:
-  `jax.jvp` of `jax.grad`), summed batch by batch. `vector` has the structure of `params`."""
-  stacked, count = _stacked(batches, batch_loss, params)
-  if stacked is None:  # batches of different shapes: one program per batch
-    total = None
-    for batch in batches:
-      hv, _ = _batch_hvp(batch_loss, params, batch, vector)
-      total = hv if total is None else otu.tree_add(total, hv)
-    return otu.tree_scale(1.0 / count, total)
-  return _summed_hvp(batch_loss, params, stacked, vector, jnp.float32(1.0 / count))
+  `jax.jvp` of `jax.grad`), summed batch by batch in one program. `vector` has the structure
+  of `params`."""
+  stacked, tail, count = _stacked(batches, batch_loss, params)
+  return _summed_hvp(batch_loss, params, stacked, tail, vector, jnp.float32(1.0 / count))
 
 
 def _stacked(batches: Sequence[dict], batch_loss: BatchLoss, params: PyTree
-             ) -> tuple[dict | None, float]:
-  """The batches stacked on a leading axis (None if their shapes differ), and the examples
-  they count (a Python float)."""
-  shapes = {tuple((k, np.shape(v)) for k, v in sorted(batch.items())) for batch in batches}
-  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches) if len(shapes) == 1 else None
+             ) -> tuple[dict, tuple[dict, ...], float]:
+  """(the leading batches of the first one's shapes, stacked on a new axis; the others, e.g. a
+  last batch without its padding; the examples they all count, a Python float)."""
+  def shapes(batch):
+    return tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+  alike = 1
+  while alike < len(batches) and shapes(batches[alike]) == shapes(batches[0]):
+    alike += 1
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches[:alike])
   count = sum(float(batch_loss(params, batch)[1]) for batch in batches)
-  return stacked, count
+  return stacked, tuple(batches[alike:]), count
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _summed_hvp(batch_loss, params, stacked, vector, inverse_count):
-  """(sum over the stacked batches of H_b v, batch after batch) / count, in one program."""
-  def add(total, batch):
+def _summed_hvp(batch_loss, params, stacked, tail, vector, inverse_count):
+  """(sum over the stacked batches, batch after batch, then over the `tail` batches, of H_b v)
+  / count, in one program; H_b the Hessian of batch b's *summed* loss."""
+  def batch_hvp(batch):
     grad = jax.grad(lambda p: batch_loss(p, batch)[0])
-    _, hv = jax.jvp(grad, (params,), (vector,))
-    return otu.tree_add(total, hv), None
+    return jax.jvp(grad, (params,), (vector,))[1]
+  def add(total, batch):
+    return otu.tree_add(total, batch_hvp(batch)), None
   first = jax.tree.map(lambda x: x[0], stacked)
   rest = jax.tree.map(lambda x: x[1:], stacked)
-  total, _ = jax.lax.scan(add, _batch_hvp.__wrapped__(batch_loss, params, first, vector)[0],
-                          rest)
+  total, _ = jax.lax.scan(add, batch_hvp(first), rest)
+  for batch in tail:
+    total = otu.tree_add(total, batch_hvp(batch))
   return otu.tree_scale(inverse_count, total)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _batch_hvp(batch_loss, params, batch, vector):
-  """(H_b v, count_b): the Hessian-vector product of one batch's *summed* loss, and its count."""
-  grad = jax.grad(lambda p: batch_loss(p, batch)[0])
-  _, hv = jax.jvp(grad, (params,), (vector,))
-  return hv, batch_loss(params, batch)[1]
 
 
 @jax.jit
@@ -224,14 +218,13 @@ def hessian_top_eigenvalue(batch_loss: BatchLoss, params: PyTree, batches: Seque
   """
   v = jax.jit(_gaussian_like)(params, key)
   v = otu.tree_scale(1.0 / _tree_norm(v), v)
-  stacked, count = _stacked(batches, batch_loss, params)
+  stacked, tail, count = _stacked(batches, batch_loss, params)
   inverse_count = jnp.float32(1.0 / count)
   estimate, previous, done = float("nan"), float("nan"), 0
   # Each iteration is three compiled calls (the products over all batches, <v, Hv> and ||Hv||,
   # the scaling): eager tree arithmetic cost ~0.1 s an iteration in dispatches.
   for done in range(1, iterations + 1):
-    hv = (hessian_vector_product(batch_loss, params, batches, v) if stacked is None else
-          _summed_hvp(batch_loss, params, stacked, v, inverse_count))
+    hv = _summed_hvp(batch_loss, params, stacked, tail, v, inverse_count)
     rayleigh, norm = _rayleigh_and_norm(v, hv)
     previous, estimate = estimate, float(rayleigh)
     norm = float(norm)
