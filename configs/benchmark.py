@@ -102,7 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       split_granularity="weight",   # weight (WELS) or filter (KELS)
   ))
   config.rand = ml_collections.ConfigDict(dict(fraction=0.5))  # reset per stage, re-drawn
-  config.sp = ml_collections.ConfigDict(dict(shrink=0.4, perturb=0.1))  # Ash & Adams 2020
+  config.sp = ml_collections.ConfigDict(dict(  # Ash & Adams 2020
+      shrink=0.4, perturb=0.1,
+      reset_batch_stats=True,  # running BN statistics from the fresh init, as their code
+  ))
   config.dsd = ml_collections.ConfigDict(dict(
       sparsity=0.3,   # pruned fraction per layer (Han et al. 2017 used 30% for ResNets)
       lr_factor=0.1,  # learning rate of the final dense stage, relative

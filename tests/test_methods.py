@@ -228,18 +228,24 @@ def test_rand_draws_a_new_subset_each_stage(setup):
   assert not np.array_equal(masks[0], masks[1])
 
 
-def test_sp_matches_its_formula(setup):
+@pytest.mark.parametrize("reset_batch_stats", [True, False])
+def test_sp_matches_its_formula(setup, reset_batch_stats):
   _, _, init, trained, fresh = setup
-  plan = _plan("sp", **{"sp.shrink": 0.3, "sp.perturb": 0.05})
+  plan = _plan("sp", **{"sp.shrink": 0.3, "sp.perturb": 0.05,
+                        "sp.reset_batch_stats": reset_batch_stats})
   switched = _switch(plan, 1, trained, fresh, {})
   for (path, new), old, fr in zip(_leaves(switched.variables["params"]),
                                   jax.tree.leaves(trained["params"]),
                                   jax.tree.leaves(fresh["params"])):
     np.testing.assert_allclose(new, 0.3 * np.asarray(old) + 0.05 * np.asarray(fr), rtol=1e-6,
                                atol=1e-7, err_msg=path)
-  for (path, new), old in zip(_leaves(switched.variables["batch_stats"]),
-                              jax.tree.leaves(trained["batch_stats"])):
-    np.testing.assert_array_equal(new, old, err_msg=path)
+  # Running statistics: the fresh init's (Ash & Adams' blended network is the fresh one), or
+  # the trained ones kept.
+  expected = fresh["batch_stats"] if reset_batch_stats else trained["batch_stats"]
+  assert jax.tree.structure(switched.variables["batch_stats"]) == jax.tree.structure(expected)
+  for (path, new), want in zip(_leaves(switched.variables["batch_stats"]),
+                               jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(new, want, err_msg=path)
 
 
 def test_dsd_prunes_holds_zeros_and_releases(setup):

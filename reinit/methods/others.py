@@ -109,14 +109,20 @@ def rand_switch(*, fraction: float):
   return switch
 
 
-def sp_switch(*, shrink: float, perturb: float):
-  """Shrink-and-perturb: every param becomes `shrink * p + perturb * fresh`."""
+def sp_switch(*, shrink: float, perturb: float, reset_batch_stats: bool = True):
+  """Shrink-and-perturb: every param becomes `shrink * p + perturb * fresh`; with
+  `reset_batch_stats`, the running BatchNorm statistics are the fresh init's, as in Ash &
+  Adams' code (its blended network is the fresh one, whose buffers were never trained)."""
   def switch(k, variables, fresh, memory, rng):
     del k, rng
     params = transforms.shrink_perturb(variables["params"], fresh["params"], shrink=shrink,
                                        perturb=perturb)
-    return Switched({**variables, "params": params}, memory,
-                    jax.tree.map(lambda _: True, params))
+    switched = {**variables, "params": params}
+    if reset_batch_stats and "batch_stats" in variables:
+      stats = variables["batch_stats"]
+      switched["batch_stats"] = transforms.reinitialize(stats, fresh["batch_stats"],
+                                                        jax.tree.map(lambda _: True, stats))
+    return Switched(switched, memory, jax.tree.map(lambda _: True, params))
   return switch
 
 

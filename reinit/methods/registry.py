@@ -106,8 +106,9 @@ def rand_plan(config, units) -> Plan:
 
 
 def sp_plan(config, units) -> Plan:
-  return repeated(config, units, switch=others.sp_switch(shrink=float(config.sp.shrink),
-                                                         perturb=float(config.sp.perturb)))
+  return repeated(config, units, switch=others.sp_switch(
+      shrink=float(config.sp.shrink), perturb=float(config.sp.perturb),
+      reset_batch_stats=bool(config.sp.reset_batch_stats)))
 
 
 def dsd_plan(config, units) -> Plan:
