@@ -109,10 +109,11 @@ def rand_switch(*, fraction: float):
   return switch
 
 
-def sp_switch(*, shrink: float, perturb: float, reset_batch_stats: bool = True):
+def sp_switch(*, shrink: float, perturb: float, reset_batch_stats: bool = False):
   """Shrink-and-perturb: every param becomes `shrink * p + perturb * fresh`; with
   `reset_batch_stats`, the running BatchNorm statistics are the fresh init's, as in Ash &
-  Adams' code (its blended network is the fresh one, whose buffers were never trained)."""
+  Adams' code (its blended network is the fresh one, whose buffers were never trained; it
+  trains each round to 99% training accuracy, long enough for them to be re-estimated)."""
   def switch(k, variables, fresh, memory, rng):
     del k, rng
     params = transforms.shrink_perturb(variables["params"], fresh["params"], shrink=shrink,
