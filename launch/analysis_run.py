@@ -41,7 +41,7 @@ def _first_batches(dataset, count: int) -> list[dict]:
   """The first `count` batches of a padded eval dataset, without their padding examples.
 
   The losses only count real examples; a Hessian-vector product over the padding of a small
-  training set (100 digits in a batch of 256) would cost 2.5x the real ones' (130 vs 39 ms).
+  training set (100 digits in a batch of 256) took 130 ms against 39 ms without it.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   batches = []

@@ -32,6 +32,10 @@ CHECKPOINT_DIR = "checkpoints"
 VARIABLES_DIR = "variables"
 # Fields that change how a run is logged or checkpointed, not what it computes.
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "data_dir")
+# Config fields added after runs were recorded, each with the value that does what a recorded
+# config without it did: such a run still resumes, and pools in a report, as before.
+ADDED_FIELDS = {"sp.reset_batch_stats": False}
+
 # What may lie in a workdir before reinit claims it (writes its config.json, the first thing
 # it writes there): hidden files (.DS_Store, .nfs*) and the logs a scheduler or a shell
 # redirection puts next to a run (slurm-%j.out).
@@ -86,6 +90,11 @@ def foreign_entries(workdir: str) -> list[str]:
                 and entry.name != CONFIG_FILE + ".tmp")
 
 
+def with_added_fields(flat: dict) -> dict:
+  """A `flat_config` with the `ADDED_FIELDS` it lacks, at their old-behaviour values."""
+  return {**ADDED_FIELDS, **flat}
+
+
 def claim(config, workdir: str) -> None:
   """Records the config in `workdir`, or checks it equals the one recorded there.
 
@@ -97,7 +106,7 @@ def claim(config, workdir: str) -> None:
   config_path = path(workdir, CONFIG_FILE)
   current = json.loads(json.dumps(config.to_dict()))
   if config_path.exists():
-    a, b = flat_config(read_json(config_path)), flat_config(current)
+    a, b = (with_added_fields(flat_config(c)) for c in (read_json(config_path), current))
     differing = sorted(k for k in set(a) | set(b)
                        if a.get(k) != b.get(k) and k not in BOOKKEEPING_FIELDS)
     if differing:
@@ -199,7 +208,8 @@ def save_variables_of_runs(workdirs: Sequence[str], name: str,
     # ~110 ms for a digits SimpleCNN; a sweep writes two per run). `load_run` reads either.
     variables = jax.device_get(list(variables))
   # One checkpointer per run (each has at most one save in flight). On several processes one
-  # save at a time, as before: concurrent saves' cross-process barriers are untested here.
+  # save at a time: orbax names its cross-process barriers after the directory, `name` for
+  # every run, so concurrent saves would share them.
   together = jax.process_count() == 1
   checkpointers = []
   try:
@@ -209,9 +219,17 @@ def save_variables_of_runs(workdirs: Sequence[str], name: str,
                              force=True)
       if not together:
         checkpointers[-1].wait_until_finished()
-  finally:  # also when a save fails: the ones in flight complete
+  finally:  # every save started completes, also when one fails; the first error is raised
+    errors = []
     for checkpointer in checkpointers:
-      checkpointer.wait_until_finished()
+      try:
+        checkpointer.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append(e)
+      finally:
+        checkpointer.close()
+    if errors:
+      raise errors[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -265,6 +265,23 @@ def test_label_noise_runs_are_their_own_combinations(tmp_path, capsys):
   assert "differ in config fields lw.rescale" in err
 
 
+def test_runs_recorded_before_a_config_field_existed_pool_with_runs_at_its_old_value(
+    tmp_path, capsys):
+  """A run written before `sp.reset_batch_stats` existed (every method's config has the `sp`
+  section) did what False does: it pools with runs that record False, silently, and is told
+  apart from runs that record True."""
+  for seed in range(2):
+    _write_run(tmp_path, "digits", "simple_cnn", 200, "lw", seed, 0.9,
+               config={"sp": {"shrink": 0.4}} if seed == 0 else
+               {"sp": {"shrink": 0.4, "reset_batch_stats": False}})
+  report.load_runs(str(tmp_path))
+  assert "differ in config" not in capsys.readouterr().err
+  _write_run(tmp_path / "more", "digits", "simple_cnn", 200, "lw", 5, 0.1,
+             config={"sp": {"shrink": 0.4, "reset_batch_stats": True}})
+  report.load_runs(str(tmp_path))
+  assert "differ in config fields sp.reset_batch_stats" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ command line
 
 

@@ -110,6 +110,22 @@ def test_workdir_with_another_config_is_refused(data_dir, unbroken, tmp_path):
   train.train_and_evaluate(_config(data_dir, num_stages=1, log_every_steps=7), workdir)
 
 
+def test_a_workdir_recorded_before_a_config_field_existed_is_claimed_at_its_old_value(
+    tmp_path):
+  """A config.json written before `sp.reset_batch_stats` existed recorded what False does: the
+  same config claims it (a stopped run resumes); True is another config."""
+  from configs import digits as digits_config
+  from reinit import workdir as workdir_lib
+  config = digits_config.get_config("method=sp")
+  recorded = config.to_dict()
+  del recorded["sp"]["reset_batch_stats"]
+  workdir_lib.write_json_atomically(workdir_lib.path(str(tmp_path), train.CONFIG_FILE), recorded)
+  workdir_lib.claim(config, str(tmp_path))
+  config.sp.reset_batch_stats = True
+  with pytest.raises(train.ConfigError, match=r"different config \(fields: sp.reset_batch_st"):
+    workdir_lib.claim(config, str(tmp_path))
+
+
 def test_non_finite_loss_stops_and_keeps_good_checkpoints(data_dir, tmp_path):
   workdir = str(tmp_path)
   config = _config(data_dir, learning_rate=1e30, checkpoint_every_steps=1, log_every_steps=100)

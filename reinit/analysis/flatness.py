@@ -166,7 +166,10 @@ def hessian_vector_product(batch_loss: BatchLoss, params: PyTree, batches: Seque
 def _stacked(batches: Sequence[dict], batch_loss: BatchLoss, params: PyTree
              ) -> tuple[dict, tuple[dict, ...], float]:
   """(the leading batches of the first one's shapes, stacked on a new axis; the others, e.g. a
-  last batch without its padding; the examples they all count, a Python float)."""
+  last batch without its padding; the examples they all count, a Python float). The stacked
+  ones are a loop in `_summed_hvp`, the others unrolled: only the last batch should differ."""
+  if not batches:
+    raise ValueError("no batches: the loss needs at least one example")
   def shapes(batch):
     return tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
   alike = 1

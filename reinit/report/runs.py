@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from reinit.report import provenance
+from reinit.workdir import ADDED_FIELDS
 from reinit.workdir import ANALYSIS_FILE
 from reinit.workdir import RESULTS_FILE
 
@@ -50,6 +51,13 @@ def _flatten(config: dict, prefix: str = "") -> dict:
   return flat
 
 
+def _run_config(results: dict) -> dict:
+  """The run's `_flatten`ed config, with the `ADDED_FIELDS` it lacks (written before they
+  existed) at the values that did what it did."""
+  return {**{name: json.dumps(value, sort_keys=True) for name, value in ADDED_FIELDS.items()},
+          **_flatten(results.get("config"))}
+
+
 def _label_noise(results: dict) -> float:
   return float((results.get("config") or {}).get("label_noise") or 0.0)
 
@@ -68,7 +76,7 @@ def _run_row(path: epath.Path, results: dict) -> dict:
       "train_flops": float(compute.get("train_flops", float("nan")) or float("nan")),
       "label_noise": _label_noise(results),
       "run_dir": str(path.parent),
-      "config": _flatten(results.get("config")),
+      "config": _run_config(results),
       "provenance": provenance.provenance_items(results.get("provenance")),
   }
 
