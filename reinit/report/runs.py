@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from reinit.report import provenance
-from reinit.workdir import ADDED_FIELDS
 from reinit.workdir import ANALYSIS_FILE
+from reinit.workdir import flat_config
 from reinit.workdir import RESULTS_FILE
+from reinit.workdir import with_added_fields
 
 REFERENCES = ("baseline", "baseline_long")
 KEYS = ["dataset", "model", "train_examples"]  # one row of Table 2: a "combination"
@@ -40,22 +41,11 @@ def keys(table: pd.DataFrame) -> list[str]:
   return KEYS + [k for k in EXTRA_KEYS if k in table and table[k].nunique() > 1]
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-  """{'lw': {'rescale': True}} -> {'lw.rescale': True}."""
-  flat = {}
-  for name, value in (config or {}).items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{name}."))
-    else:
-      flat[f"{prefix}{name}"] = json.dumps(value, sort_keys=True)
-  return flat
-
-
 def _run_config(results: dict) -> dict:
-  """The run's `_flatten`ed config, with the `ADDED_FIELDS` it lacks (written before they
-  existed) at the values that did what it did."""
-  return {**{name: json.dumps(value, sort_keys=True) for name, value in ADDED_FIELDS.items()},
-          **_flatten(results.get("config"))}
+  """The run's config flattened as its workdir's claim reads it (`flat_config`, with the
+  `ADDED_FIELDS` it lacks at their old-behaviour values), each value as JSON text."""
+  flat = with_added_fields(flat_config(results.get("config") or {}))
+  return {name: json.dumps(value, sort_keys=True) for name, value in flat.items()}
 
 
 def _label_noise(results: dict) -> float:
